@@ -22,26 +22,30 @@ class Permutation(NamedTuple):
     expert_counts: torch.Tensor      # [E]     pairs routed to each local expert
     expert_offsets: torch.Tensor     # [E + 1] exclusive prefix sum of expert_counts
     sorted_pair_ids: torch.Tensor    # [P]     permuted row -> pair; -1 for rows >= R
-    pair_to_row: torch.Tensor        # [P]     pair -> permuted row; -1 for dropped pairs
+    pair_to_row: torch.Tensor        # [P]     pair -> permuted row; -1 dropped, -2 invalid id
     scale_row_offsets: torch.Tensor  # [E + 1] exclusive prefix sum of ceil(count / act_block_m)
+
+
+# pair_to_row value of a pair whose expert id is out of range (neither a local expert nor
+# dropped by expert_map): un-permute makes its token's output NaN, so a bad id is never
+# silently ignored on the device, where raising would need a host sync.
+INVALID_PAIR = -2
 
 
 def local_expert_ids(topk_ids: torch.Tensor, num_experts: int,
                      expert_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Local expert of every pair as int64 ``[P]``; ``-1`` where the pair is dropped.
-
-    A pair is dropped when ``expert_map`` sends its expert to -1. Ids outside the valid
-    range (global ids outside ``[0, E_global)``, local ids outside ``[0, E)``) are dropped
-    too rather than indexing out of bounds; the API rejects them before they get here.
+    """Local expert of every pair as int64 ``[P]``: ``-1`` where ``expert_map`` drops the
+    pair, ``INVALID_PAIR`` where the id is out of range (a global id outside
+    ``[0, E_global)``, or a mapped/local id outside ``[0, E)`` other than -1).
     """
     ids = topk_ids.reshape(-1).long()
+    num_global = num_experts if expert_map is None else expert_map.numel()
+    bad = (ids < 0) | (ids >= num_global)
     if expert_map is not None:
-        num_global = expert_map.numel()
-        known = (ids >= 0) & (ids < num_global)
-        mapped = expert_map.long()[ids.clamp(0, max(num_global - 1, 0))]
-        ids = torch.where(known, mapped, torch.full_like(ids, -1))
-    valid = (ids >= 0) & (ids < num_experts)
-    return torch.where(valid, ids, torch.full_like(ids, -1))
+        ids = expert_map.long()[ids.clamp(0, max(num_global - 1, 0))]
+        bad = bad | (ids < -1) | (ids >= num_experts)
+    invalid = torch.full_like(ids, INVALID_PAIR)
+    return torch.where(bad, invalid, torch.where(ids >= 0, ids, torch.full_like(ids, -1)))
 
 
 def permute(topk_ids: torch.Tensor, num_experts: int, *,
@@ -77,9 +81,10 @@ def permute(topk_ids: torch.Tensor, num_experts: int, *,
     rows = torch.arange(num_pairs, dtype=torch.int64, device=device)
     row_is_valid = rows < num_rows
     sorted_pair_ids = torch.where(row_is_valid, order, torch.full_like(order, -1))
-    # Inverse permutation: pair order[r] sits in row r; dropped pairs get -1.
+    # Inverse permutation: pair order[r] sits in row r; dropped pairs get their marker
+    # (-1, or INVALID_PAIR for an out-of-range id).
     pair_to_row = torch.empty_like(order)
-    pair_to_row.scatter_(0, order, torch.where(row_is_valid, rows, torch.full_like(rows, -1)))
+    pair_to_row.scatter_(0, order, torch.where(row_is_valid, rows, local[order]))
 
     return Permutation(
         expert_counts=expert_counts.int(),

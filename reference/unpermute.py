@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from reference.permute import INVALID_PAIR
+
 
 def unpermute(mm2_out: torch.Tensor, topk_weights: torch.Tensor, pair_to_row: torch.Tensor,
               *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Combine ``mm2_out [P, K]`` rows back into tokens: returns ``[M, K]`` in mm2_out's dtype.
 
     ``topk_weights [M, top_k]`` (fp32), ``pair_to_row [P]`` int32 with -1 for dropped
-    pairs (they add nothing, whatever their weight). ``out``, if given, receives the result.
+    pairs (they add nothing, whatever their weight) and ``INVALID_PAIR`` (-2) for pairs
+    with an out-of-range expert id (their token's output is NaN). ``out``, if given, receives the result.
     """
     num_tokens, top_k = topk_weights.shape
     hidden = mm2_out.shape[1]
@@ -29,6 +32,8 @@ def unpermute(mm2_out: torch.Tensor, topk_weights: torch.Tensor, pair_to_row: to
         # Separate multiply and add: two fp32 roundings, as the kernel does.
         term = topk_weights[:, j, None].float() * gathered
         acc = torch.where(kept, acc + term, acc)
+        # A pair with an out-of-range expert id poisons its token (never silently dropped).
+        acc = torch.where((row == INVALID_PAIR)[:, None], float("nan"), acc)
     if out is None:
         return acc.to(mm2_out.dtype)
     out.copy_(acc)

@@ -151,3 +151,21 @@ def test_gpu_cuda_graph_replay_and_determinism():
     graph.replay()
     assert torch.equal(static_out, triton_moe.moe_forward(x2, weights, tw2, ti2,
                                                           backend="triton"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_out_of_range_ids_poison_only_their_token(backend, device):
+    """Without the (syncing) id check, a bad id must neither corrupt memory nor vanish:
+    its token's output is NaN and every other token is unaffected."""
+    x, weights, tw, ti, _, _ = _make(12, 256, 128, 4, 2, dtype=torch.bfloat16, device=device)
+    good = triton_moe.moe_forward(x, weights, tw, ti, backend=backend)
+    bad_ids = ti.clone()
+    bad_ids[3, 1] = 4       # one past the last expert
+    bad_ids[7, 0] = -5      # negative
+    out = triton_moe.moe_forward(x, weights, tw, bad_ids, backend=backend, check_ids=False)
+    poisoned = torch.zeros(12, dtype=torch.bool, device=device)
+    poisoned[[3, 7]] = True
+    assert torch.isnan(out[poisoned]).all()
+    assert torch.equal(out[~poisoned], good[~poisoned])
+    with pytest.raises(ValueError, match="topk_ids must lie in"):
+        triton_moe.moe_forward(x, weights, tw, bad_ids, backend=backend, check_ids=True)

@@ -147,6 +147,26 @@ def test_permute_all_pairs_dropped(device):
     assert (got.sorted_pair_ids == -1).all() and (got.pair_to_row == -1).all()
 
 
+@pytest.mark.parametrize("use_map", [False, True])
+def test_permute_marks_out_of_range_ids(use_map, device):
+    """Out-of-range ids (negative, >= E_global, or an expert_map value outside [-1, E))
+    are routed nowhere and marked INVALID_PAIR, never read or written out of bounds."""
+    num_global, num_local = (12, 5) if use_map else (5, 5)
+    topk_ids = _random_ids(30, 2, num_global, seed=9, device=device)
+    topk_ids[2, 0], topk_ids[5, 1], topk_ids[11, 0] = num_global, -1, 10**6
+    expert_map = None
+    if use_map:
+        expert_map = _random_expert_map(num_global, num_local, seed=4, device=device)
+        expert_map[topk_ids[20, 1]] = num_local + 3   # a corrupt map entry
+    got = tri.permute(topk_ids, num_local, expert_map=expert_map)
+    want = ref.permute(topk_ids.cpu(), num_local,
+                       expert_map=None if expert_map is None else expert_map.cpu())
+    _assert_same(got, want)
+    invalid = (got.pair_to_row == ref.INVALID_PAIR).nonzero().flatten().tolist()
+    assert {4, 11, 22} <= set(invalid)
+    assert (41 in invalid) == use_map
+
+
 def test_permute_expert_with_no_tokens(device):
     topk_ids = _random_ids(64, 4, 6, seed=6, device=device)
     topk_ids = topk_ids + (topk_ids >= 3).to(topk_ids.dtype)  # expert 3 of 0..6 gets nothing

@@ -98,6 +98,19 @@ def test_unpermute_into_strided_out_with_strided_weights(dtype, device):
     assert (buffer[:, :50] == 7).all() and (buffer[:, 146:] == 7).all()
 
 
+def test_unpermute_invalid_pair_poisons_its_token(device):
+    mm2 = torch.randn(8, 64, device=device)
+    weights = torch.rand(4, 2, device=device)
+    pair_to_row = torch.tensor([0, 1, 2, ref_permute.INVALID_PAIR, 4, -1, 6, 7],
+                               dtype=torch.int32, device=device)
+    got = tri.unpermute(mm2, weights, pair_to_row)
+    want = ref.unpermute(mm2.cpu(), weights.cpu(), pair_to_row.cpu())
+    assert torch.isnan(got[1]).all() and torch.isnan(want[1]).all()
+    keep = torch.tensor([0, 2, 3])
+    assert torch.equal(got[keep].cpu(), want[keep])
+    assert torch.isfinite(want[keep]).all()
+
+
 def test_unpermute_all_pairs_dropped(device):
     mm2_out = torch.randn(12, 64, device=device)
     pair_to_row = torch.full((12,), -1, dtype=torch.int32, device=device)

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from reference.permute import INVALID_PAIR as _INVALID_PAIR
 from reference.permute import Permutation
+
+INVALID_PAIR = tl.constexpr(_INVALID_PAIR)
 
 # Configs as data. BLOCK_P: pairs per program of kernels 1 and 3; the in-block rank is a
 # BLOCK_P x BLOCK_P comparison, so BLOCK_P stays small. The scan (kernel 2) holds a tile
@@ -47,18 +50,21 @@ def _scan_shape(num_experts: int, num_blocks: int) -> tuple[int, int]:
 @triton.jit
 def _local_expert_ids(topk_ids_ptr, expert_map_ptr, offs_p, num_pairs, num_experts,
                       num_global_experts, HAS_EXPERT_MAP: tl.constexpr):
-    """Local expert (int32) of the pairs ``offs_p``; -1 where dropped or past the end.
+    """Local expert (int32) of the pairs ``offs_p``: -1 where ``expert_map`` drops the
+    pair (or past the end), INVALID_PAIR (-2) where the id is out of range.
 
-    Ids outside the valid range are dropped instead of indexing out of bounds (the API
-    rejects them; this only keeps a bad id from writing outside the outputs).
+    A bad id must neither index out of bounds nor vanish silently: it is routed nowhere
+    and marked, and un-permute turns the marked token's output into NaN. (Rejecting it
+    with an exception would need a host sync; the API does that on CPU or when asked.)
     """
     in_range = offs_p < num_pairs
     ids = tl.load(topk_ids_ptr + offs_p, mask=in_range, other=-1)  # int32 or int64
+    bad = in_range & ((ids < 0) | (ids >= num_global_experts))
     if HAS_EXPERT_MAP:
-        known = in_range & (ids >= 0) & (ids < num_global_experts)
-        ids = tl.load(expert_map_ptr + ids, mask=known, other=-1)
-    valid = (ids >= 0) & (ids < num_experts)
-    return tl.where(valid, ids, -1).to(tl.int32)
+        ids = tl.load(expert_map_ptr + ids, mask=in_range & ~bad, other=-1)
+        bad = bad | (in_range & ((ids < -1) | (ids >= num_experts)))
+    local = tl.where((ids >= 0) & (ids < num_experts), ids, -1)
+    return tl.where(bad, INVALID_PAIR, local).to(tl.int32)
 
 
 @triton.jit
@@ -158,7 +164,7 @@ def _scatter_kernel(topk_ids_ptr, expert_map_ptr, block_starts_ptr, expert_count
     block_start = tl.load(block_starts_ptr + safe_local.to(tl.int64) * num_blocks + block,
                           mask=valid, other=0)
     row = tl.gather(expert_starts, safe_local, axis=0) + block_start + rank
-    tl.store(pair_to_row_ptr + offs_p, tl.where(valid, row, -1), mask=in_range)
+    tl.store(pair_to_row_ptr + offs_p, tl.where(valid, row, local), mask=in_range)
     tl.store(sorted_pair_ids_ptr + row, offs_p, mask=valid)
     tl.store(sorted_pair_ids_ptr + offs_p, -1, mask=in_range & (offs_p >= num_rows))
 
@@ -188,7 +194,7 @@ def permute(topk_ids: torch.Tensor, num_experts: int, *,
                            scale_row_offsets)
 
     if expert_map is None:
-        expert_map_arg, num_global, has_map = pair_ids, 0, False  # never read
+        expert_map_arg, num_global, has_map = pair_ids, num_experts, False  # map never read
     else:
         assert expert_map.dtype == torch.int32 and expert_map.is_contiguous()
         expert_map_arg, num_global, has_map = expert_map, expert_map.numel(), True

@@ -15,6 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from reference.permute import INVALID_PAIR as _INVALID_PAIR
+
+INVALID_PAIR = tl.constexpr(_INVALID_PAIR)
+
 # Configs as data: columns per program. The kernel is memory-bound; 1024 bf16 columns
 # (2 KiB per row, top_k rows in flight) keep enough loads outstanding per program.
 UNPERMUTE_CONFIG = {"MAX_BLOCK_K": 1024, "num_warps": 4}
@@ -56,6 +60,9 @@ def _unpermute_kernel(mm2_ptr, topk_weights_ptr, pair_to_row_ptr, out_ptr, hidde
         vals = tl.load(mm2_ptr + row.to(tl.int64) * stride_mm2_m + offs_k,
                        mask=mask_k & kept, other=0.0)
         acc = tl.where(kept, acc + weight * vals.to(tl.float32), acc)
+        # An out-of-range expert id poisons the token instead of vanishing (SPEC: no
+        # silent wrong results; raising would need a host sync).
+        acc = tl.where(row == INVALID_PAIR, float("nan"), acc)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         out_vals = _fp32_to_bf16_rne(acc)
     else:
