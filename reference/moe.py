@@ -15,14 +15,6 @@ from reference import quant as ref_quant
 from reference import unpermute as ref_unpermute
 
 
-def _local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
-    """Local expert id of every pair, -1 where the expert is not on this device."""
-    ids = topk_ids.long()
-    if expert_map is None:
-        return ids
-    return expert_map.long()[ids]
-
-
 def moe_float(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               expert_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,7 +26,7 @@ def moe_float(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     inter = w2.shape[2]
-    local = _local_ids(topk_ids, expert_map).reshape(-1)
+    local = ref_permute.local_expert_ids(topk_ids, w13.shape[0], expert_map)
     weights = topk_weights.float().reshape(-1)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
     token_of_pair = torch.arange(num_tokens * top_k, device=x.device) // top_k
@@ -82,3 +74,41 @@ def moe_forward(hidden_states: torch.Tensor,
     mm2 = ref_gemm.grouped_gemm(a2_q, a2_qscale, a2_fscale, w2_q, w2_qscale, w2_fscale,
                                 perm.expert_offsets, perm.scale_row_offsets, **gemm_opts)
     return ref_unpermute.unpermute(mm2, topk_weights, perm.pair_to_row)
+
+
+def _fake_quant_plain(x: torch.Tensor, block_rows: int, block_k: int) -> torch.Tensor:
+    """x quantized to int8 with plain fp32 block scales and dequantized again."""
+    scale = ref_quant.block_scales(x, block_rows, block_k)
+    scale = ref_quant._element_scales(scale, block_rows, block_k, *x.shape[-2:])
+    return ref_quant.quantize_int8(x, scale).float() * scale
+
+
+def moe_blockwise_float(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                        topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                        block_n: int = 64, block_k: int = 128, act_block_m: int = 128,
+                        expert_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain blockwise INT8 with fp32 block scales (common practice, no Q/F split): the
+    accuracy yardstick the hybrid format is measured against (issue: accuracy report).
+
+    Same blocks as the hybrid path (weights ``block_n x block_k``, activations
+    ``act_block_m`` rows of one expert's segment x ``block_k``); products and sums in
+    fp32. Returns fp32 [M, K].
+    """
+    x = hidden_states.float()
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    inter = w2.shape[2]
+    local = ref_permute.local_expert_ids(topk_ids, w13.shape[0], expert_map)
+    weights = topk_weights.float().reshape(-1)
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    token_of_pair = torch.arange(num_tokens * top_k, device=x.device) // top_k
+    for expert in torch.unique(local[local >= 0]).tolist():
+        pairs = (local == expert).nonzero().squeeze(1)
+        tokens = token_of_pair[pairs]
+        a = _fake_quant_plain(x[tokens], act_block_m, block_k)
+        h = a @ _fake_quant_plain(w13[expert].float(), block_n, block_k).t()
+        act = ref_quant.silu_mul(h)
+        a2 = _fake_quant_plain(act, act_block_m, block_k)
+        y = a2 @ _fake_quant_plain(w2[expert].float(), block_n, block_k).t()
+        out.index_add_(0, tokens, y * weights[pairs, None])
+    return out

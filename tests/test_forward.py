@@ -156,8 +156,10 @@ def test_gpu_cuda_graph_replay_and_determinism():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_out_of_range_ids_poison_only_their_token(backend, device):
     """Without the (syncing) id check, a bad id must neither corrupt memory nor vanish:
-    its token's output is NaN and every other token is unaffected."""
-    x, weights, tw, ti, _, _ = _make(12, 256, 128, 4, 2, dtype=torch.bfloat16, device=device)
+    its token's output is NaN and every other token is unaffected. (Per-token activation
+    scales, so that dropping the bad pairs cannot change other rows' scale blocks.)"""
+    x, weights, tw, ti, _, _ = _make(12, 256, 128, 4, 2, dtype=torch.bfloat16, device=device,
+                                     act_block_m=1)
     good = triton_moe.moe_forward(x, weights, tw, ti, backend=backend)
     bad_ids = ti.clone()
     bad_ids[3, 1] = 4       # one past the last expert

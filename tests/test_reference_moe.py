@@ -6,10 +6,12 @@ about absmax / (127 * sqrt(12)) RMS. For N(0, 1) data a 128x128 block's absmax i
 sigma, so each quantized operand carries ~0.9% relative error and one GEMM ~1.3% (issue
 6 measures 1.30% plain, 1.35% consistent). The forward chains GEMM1, a re-quantization of
 silu(gate)*up (heavier tailed: ~2%) and GEMM2 (~1.3%): about sqrt(1.3^2+2^2+1.3^2) = 2.7%.
-We assert < 5% for Gaussian activations. With 1% of the channels scaled by 30 the
-activation blocks' absmax grows ~30x while most values do not: the error of GEMM1 grows
-to ~6% (issue 6 table), so we assert < 15% there. The "nearest" rounding of the
-reference design must be measurably worse than "consistent" on the outlier data.
+We assert < 5% for Gaussian activations (measured 2.8-3.0%). With 1% of the channels
+scaled by 30 the activation blocks' absmax grows ~30x while most values do not: GEMM1's
+error grows to ~6% (issue 6 table), so we assert < 10% (measured 6.8-7.2%). "nearest"
+(the reference design) has no such bound: a block with s < F/2 is dropped and the rest
+are scaled by Q*F != s; measured 3.9-4.8% and 7.9-17.5%, asserted < 6% and < 25%.
+The "nearest" rounding must be measurably worse than "consistent" on the outlier data.
 """
 import pytest
 import torch
@@ -37,9 +39,10 @@ def _rel_l2(out, ref):
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("outliers, bound", [(False, 0.05), (True, 0.15)])
-@pytest.mark.parametrize("rounding", ["consistent", "nearest"])
-def test_reference_close_to_fp32_truth(outliers, bound, rounding):
+@pytest.mark.parametrize("rounding, outliers, bound", [
+    ("consistent", False, 0.05), ("consistent", True, 0.10),
+    ("nearest", False, 0.06), ("nearest", True, 0.25)])
+def test_reference_close_to_fp32_truth(rounding, outliers, bound):
     x, w13, w2, tw, ti = _layer(0, outliers)
     opts = {} if rounding == "consistent" else dict(super_group_size=256,
                                                     allow_int32_overflow=True)

@@ -19,7 +19,7 @@ from reference import permute as ref_permute
 from reference import unpermute as ref
 from tests.aot import compile_for_hopper, run_without_interpreter
 from triton_moe import unpermute as tri
-from triton_moe.unpermute import _fp32_to_bf16_rne
+from triton_moe.jit_utils import fp32_to_bf16_rne
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -130,7 +130,7 @@ def test_unpermute_empty_batch(device, monkeypatch):
 def _round_to_bf16_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n)
-    tl.store(y_ptr + offs, _fp32_to_bf16_rne(x), mask=offs < n)
+    tl.store(y_ptr + offs, fp32_to_bf16_rne(x), mask=offs < n)
 
 
 def test_fp32_to_bf16_rounds_to_nearest_even(device):

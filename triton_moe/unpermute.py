@@ -16,26 +16,13 @@ import triton
 import triton.language as tl
 
 from reference.permute import INVALID_PAIR as _INVALID_PAIR
+from triton_moe.jit_utils import to_output_dtype
 
 INVALID_PAIR = tl.constexpr(_INVALID_PAIR)
 
 # Configs as data: columns per program. The kernel is memory-bound; 1024 bf16 columns
 # (2 KiB per row, top_k rows in flight) keep enough loads outstanding per program.
 UNPERMUTE_CONFIG = {"MAX_BLOCK_K": 1024, "num_warps": 4}
-
-
-@triton.jit
-def _fp32_to_bf16_rne(x):
-    """fp32 -> bf16, round to nearest even, by integer ops on the bits.
-
-    Needed because the Triton 3.6 interpreter's ``.to(tl.bfloat16)`` truncates (and its
-    "rtne" mode rounds half up), while compiled code and torch round to nearest even:
-    this gives the same bits in both modes. NaN stays NaN (quiet).
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    bf16_bits = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
-    return bf16_bits.to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -63,11 +50,8 @@ def _unpermute_kernel(mm2_ptr, topk_weights_ptr, pair_to_row_ptr, out_ptr, hidde
         # An out-of-range expert id poisons the token instead of vanishing (SPEC: no
         # silent wrong results; raising would need a host sync).
         acc = tl.where(row == INVALID_PAIR, float("nan"), acc)
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        out_vals = _fp32_to_bf16_rne(acc)
-    else:
-        out_vals = acc.to(out_ptr.dtype.element_ty)  # fp16 / fp32: RNE in both modes
-    tl.store(out_ptr + token * stride_out_m + offs_k, out_vals, mask=mask_k)
+    tl.store(out_ptr + token * stride_out_m + offs_k,
+             to_output_dtype(acc, out_ptr.dtype.element_ty), mask=mask_k)
 
 
 def unpermute(mm2_out: torch.Tensor, topk_weights: torch.Tensor, pair_to_row: torch.Tensor,

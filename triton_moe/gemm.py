@@ -1,0 +1,270 @@
+"""Hybrid INT8 grouped GEMM for all experts in one launch (SPEC 5, design.md "Hybrid grouped GEMM").
+
+    out[r, n] = sum_g (F_A[ra(r), g] * F_B[e, rb(n), g]) * float32(S_g) (+ bias[e, n])
+    S_g       = sum_{b in g} Q_A[ra(r), b] * Q_B[e, rb(n), b] * dot_int8(A[r, b], B[e, n, b])
+
+Oracle: ``reference/gemm.py``. Test: ``tests/test_gemm.py``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_moe.jit_utils import to_output_dtype
+
+# Tile variants as data, keyed by the average number of rows per expert P / E (host ints,
+# so the choice needs no host sync); the first entry whose bound is >= P / E is used.
+# 128x64 and 64x64 (switch at 70 rows) are the reference design's tiles (SPEC 8). The
+# 16-row tile serves decode-like batches, where a 64-row tile would be mostly padding; it
+# swaps the operands (out^T = B A^T) because a Hopper wgmma needs 64 rows in its M operand:
+# Nout fills those and the 16 token rows become the wgmma N. BLOCK_K is always the
+# quantization block_k, so every K step is exactly one Q-weighted K-block.
+GEMM_CONFIGS = (
+    (16, dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4)),
+    (70, dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=3)),
+    (float("inf"),
+     dict(BLOCK_M=128, BLOCK_N=64, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=3)),
+)
+
+
+def select_config(num_rows: int, num_experts: int) -> dict:
+    """Tile config for P = ``num_rows`` permuted rows over ``num_experts`` experts."""
+    avg_rows = num_rows / max(num_experts, 1)
+    for max_avg_rows, config in GEMM_CONFIGS:
+        if avg_rows <= max_avg_rows:
+            return dict(config)
+    raise AssertionError("GEMM_CONFIGS must end with an unbounded entry")
+
+
+def num_m_tiles_bound(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on sum_e ceil(count_e / BLOCK_M) given only P and E (SPEC 4.1)."""
+    return triton.cdiv(num_rows, block_m) + num_experts
+
+
+@triton.jit
+def _along_m(values, SWAP_AB: tl.constexpr):
+    """Broadcast a per-row vector [BLOCK_M] along the accumulator tile's M axis."""
+    if SWAP_AB:
+        out = values[None, :]
+    else:
+        out = values[:, None]
+    return out
+
+
+@triton.jit
+def _along_n(values, SWAP_AB: tl.constexpr):
+    """Broadcast a per-column vector [BLOCK_N] along the accumulator tile's N axis."""
+    if SWAP_AB:
+        out = values[:, None]
+    else:
+        out = values[None, :]
+    return out
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, a_qscale_ptr, a_fscale_ptr,
+    b_ptr, b_qscale_ptr, b_fscale_ptr,
+    expert_offsets_ptr, scale_row_offsets_ptr, bias_ptr, out_ptr,
+    num_experts, n_out, num_m_tiles,
+    stride_am, stride_ak, stride_aqm, stride_aqk, stride_afm, stride_afg,
+    stride_be, stride_bn, stride_bk,
+    stride_bqe, stride_bqn, stride_bqk,
+    stride_bfe, stride_bfn, stride_bfg,
+    stride_biase, stride_biasn, stride_om, stride_on,
+    SCALE_BLOCK_M: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, SUPER_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_K_BLOCKS: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] output tile of one expert.
+
+    Schedule. The launch has ``num_m_tiles`` = cdiv(P, BLOCK_M) + E M-tile slots (a bound
+    known from shapes alone) times cdiv(Nout, BLOCK_N) N-tiles, ordered as in Triton's
+    matmul tutorial, in groups of GROUP_M M-tiles. With GROUP_M = 1 consecutive programs
+    share one A tile and sweep the expert's weights, which then stay in L2 for the expert's
+    next M-tiles (an expert's B is 1-2 MB at the default shapes; A is read once).
+    Expert e owns ceil(count_e / BLOCK_M) consecutive M-tile slots, starting at its segment
+    start, so a tile never straddles two experts and lines up with activation scale blocks
+    (which also count from the segment start, SPEC 4.1). Each program recomputes that
+    prefix sum over an E-wide vector of ``expert_offsets`` and finds its slot; slots past
+    the last tile return at once, and empty experts own no slot.
+
+    Main loop: one K step per quantization K-block b (BLOCK_K == block_k; the K-block count
+    is a constexpr: K is fixed per layer). The int8 x int8 dot gives an exact int32 tile
+    (|dot| <= BLOCK_K * 127^2), weighted in int32 by Q_A[ra(r), b] * Q_B[e, rb(n), b] and
+    added to the super group's int32 accumulator. The weight is a per-row x per-column
+    outer product in general (per-token scales, BLOCK_M > act_block_m, BLOCK_N > block_n);
+    when the tile sits inside one scale block (act_block_m % BLOCK_M == 0 and
+    block_n % BLOCK_N == 0) it is one scalar, the cheap case SPEC 5 describes. At the last
+    K-block of each super group (and of K) the int32 sum is flushed once:
+    acc = acc + (F_A * F_B) * float32(S_g), in design.md's order. The K loop stays flat
+    (the flush is a branch inside it) so the compiler can software-pipeline the loads. The
+    int32 sum is exact only while G * q_max^2 * block_k * 127^2 < 2^31 (SPEC 5); the API
+    enforces that bound unless the caller opts out.
+
+    SWAP_AB computes the transposed tile B A^T instead ([BLOCK_N, BLOCK_M] accumulator):
+    a Hopper wgmma needs 64 rows in its M operand, so for small BLOCK_M the weight columns
+    fill it and the token rows become the wgmma N. The arithmetic is unchanged.
+
+    Masking. Rows past the expert's segment and columns past Nout are clamped to the last
+    valid row/column for loading (no masks in the main loop) and masked on the store, so
+    rows >= R and other experts' rows are never written.
+    """
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(n_out, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_n_tiles
+    group_id = pid // num_pid_in_group
+    first_tile_m = group_id * GROUP_M
+    group_size_m = min(num_m_tiles - first_tile_m, GROUP_M)
+    tile_m = first_tile_m + (pid % num_pid_in_group) % group_size_m
+    tile_n = (pid % num_pid_in_group) // group_size_m
+
+    # Which expert owns M-tile slot `tile_m`: inclusive prefix sum of per-expert tile counts.
+    experts = tl.arange(0, EXPERTS_PAD)
+    in_range = experts < num_experts
+    seg_starts = tl.load(expert_offsets_ptr + experts, mask=in_range, other=0)
+    seg_ends = tl.load(expert_offsets_ptr + experts + 1, mask=in_range, other=0)
+    tiles = (seg_ends - seg_starts + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((tiles_end <= tile_m).to(tl.int32), axis=0)
+    if expert >= num_experts:
+        return
+    owner = experts == expert
+    row_start = tl.sum(tl.where(owner, seg_starts, 0), axis=0)
+    row_end = tl.sum(tl.where(owner, seg_ends, 0), axis=0)
+    local_m = (tile_m - tl.sum(tl.where(owner, tiles_end - tiles, 0), axis=0)) * BLOCK_M
+    scale_row_start = tl.load(scale_row_offsets_ptr + expert)
+
+    rows = row_start + local_m + tl.arange(0, BLOCK_M)
+    rows_safe = tl.minimum(rows, row_end - 1)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_safe = tl.minimum(cols, n_out - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # 64-bit row offsets: P * Kin and E * Nout * Kin can exceed 2^31. Both operands are
+    # K-major tiles, as the int8 wgmma requires.
+    a_ptrs = a_ptr + rows_safe.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be
+    if SWAP_AB:
+        b_ptrs = b_ptrs + cols_safe.to(tl.int64)[:, None] * stride_bn + offs_k[None, :] * stride_bk
+    else:
+        b_ptrs = b_ptrs + cols_safe.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+
+    # Scale rows: ra(r) = scale_row_offsets[e] + (r - o_e) // act_block_m, rb(n) = n // block_n.
+    A_PER_TILE: tl.constexpr = SCALE_BLOCK_M % BLOCK_M == 0
+    B_PER_TILE: tl.constexpr = SCALE_BLOCK_N % BLOCK_N == 0
+    if A_PER_TILE:
+        a_scale_rows = (scale_row_start + local_m // SCALE_BLOCK_M).to(tl.int64)
+    else:
+        a_scale_rows = (scale_row_start + (rows_safe - row_start) // SCALE_BLOCK_M).to(tl.int64)
+    if B_PER_TILE:
+        b_scale_rows = (tile_n * BLOCK_N) // SCALE_BLOCK_N
+    else:
+        b_scale_rows = cols_safe // SCALE_BLOCK_N
+    a_qscale_ptrs = a_qscale_ptr + a_scale_rows * stride_aqm
+    a_fscale_ptrs = a_fscale_ptr + a_scale_rows * stride_afm
+    b_qscale_ptrs = b_qscale_ptr + expert.to(tl.int64) * stride_bqe + b_scale_rows * stride_bqn
+    b_fscale_ptrs = b_fscale_ptr + expert.to(tl.int64) * stride_bfe + b_scale_rows * stride_bfn
+
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_group = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_group = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kb in range(0, NUM_K_BLOCKS):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        if SWAP_AB:
+            block_dot = tl.dot(b, tl.trans(a), out_dtype=tl.int32)
+        else:
+            block_dot = tl.dot(a, b, out_dtype=tl.int32)
+        q_a = tl.load(a_qscale_ptrs + kb * stride_aqk)
+        q_b = tl.load(b_qscale_ptrs + kb * stride_bqk)
+        if not A_PER_TILE:
+            q_a = _along_m(q_a, SWAP_AB)
+        if not B_PER_TILE:
+            q_b = _along_n(q_b, SWAP_AB)
+        # int32 weighting: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2 (SPEC 5).
+        acc_group += block_dot * (q_a * q_b)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+        if ((kb % SUPER_GROUP) == SUPER_GROUP - 1) | (kb == NUM_K_BLOCKS - 1):
+            group = kb // SUPER_GROUP
+            f_a = tl.load(a_fscale_ptrs + group * stride_afg)
+            f_b = tl.load(b_fscale_ptrs + group * stride_bfg)
+            if not A_PER_TILE:
+                f_a = _along_m(f_a, SWAP_AB)
+            if not B_PER_TILE:
+                f_b = _along_n(f_b, SWAP_AB)
+            # design.md order: acc + (F_A * F_B) * float32(S_g).
+            acc = acc + (f_a * f_b) * acc_group.to(tl.float32)
+            acc_group = tl.zeros_like(acc_group)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_biase + cols_safe * stride_biasn)
+        acc = acc + _along_n(bias, SWAP_AB)
+    out_ptrs = (out_ptr + _along_m(rows.to(tl.int64) * stride_om, SWAP_AB)
+                + _along_n(cols * stride_on, SWAP_AB))
+    out_mask = _along_m(rows < row_end, SWAP_AB) & _along_n(cols < n_out, SWAP_AB)
+    # Round to nearest even in both modes (the interpreter's own bf16 cast truncates).
+    tl.store(out_ptrs, to_output_dtype(acc, out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tensor,
+                 b_q: torch.Tensor, b_qscale: torch.Tensor, b_fscale: torch.Tensor,
+                 expert_offsets: torch.Tensor, scale_row_offsets: torch.Tensor, *,
+                 act_block_m: int, block_n: int, block_k: int, super_group_size: int,
+                 out_dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Hybrid grouped GEMM of every expert in one launch (SPEC 5); layouts in design.md.
+
+    ``a_q`` int8 [P, Kin]; ``a_qscale`` int32 [S, Kin // block_k]; ``a_fscale`` fp32 [S, SG];
+    ``b_q`` int8 [E, Nout, Kin]; ``b_qscale`` int32 [E, Nout // block_n, Kin // block_k];
+    ``b_fscale`` fp32 [E, Nout // block_n, SG]; ``expert_offsets`` and ``scale_row_offsets``
+    int32 [E + 1]; ``bias`` fp32 [E, Nout] or None. Returns ``out`` [P, Nout] of
+    ``out_dtype`` (allocated if None); rows >= expert_offsets[E] are left untouched.
+    ``config`` overrides the tile choice (keys of a GEMM_CONFIGS entry); default by P / E.
+    No host sync: the grid depends on P, E and Nout only.
+    """
+    num_rows, k_in = a_q.shape
+    num_experts, n_out, _ = b_q.shape
+    assert a_q.dtype == torch.int8 and b_q.dtype == torch.int8
+    assert a_qscale.dtype == torch.int32 and b_qscale.dtype == torch.int32
+    assert a_fscale.dtype == torch.float32 and b_fscale.dtype == torch.float32
+    assert expert_offsets.dtype == torch.int32 and scale_row_offsets.dtype == torch.int32
+    assert a_q.is_contiguous() and b_q.is_contiguous(), "K must be contiguous for the int8 MMA"
+    assert b_q.shape[2] == k_in and k_in % block_k == 0
+    if out is None:
+        out = torch.empty(num_rows, n_out, dtype=out_dtype, device=a_q.device)
+    assert out.shape == (num_rows, n_out) and out.dtype == out_dtype
+    if num_rows == 0 or n_out == 0 or num_experts == 0:
+        return out
+    if bias is not None:
+        assert bias.dtype == torch.float32 and bias.shape == (num_experts, n_out)
+
+    config = dict(config or select_config(num_rows, num_experts))
+    num_warps = config.pop("num_warps")
+    num_stages = config.pop("num_stages")
+    num_m_tiles = num_m_tiles_bound(num_rows, num_experts, config["BLOCK_M"])
+    grid = (num_m_tiles * triton.cdiv(n_out, config["BLOCK_N"]),)
+    bias_arg = bias if bias is not None else b_fscale  # never read without HAS_BIAS
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    grouped_gemm_kernel[grid](
+        a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale,
+        expert_offsets, scale_row_offsets, bias_arg, out,
+        num_experts, n_out, num_m_tiles,
+        a_q.stride(0), a_q.stride(1), a_qscale.stride(0), a_qscale.stride(1),
+        a_fscale.stride(0), a_fscale.stride(1),
+        b_q.stride(0), b_q.stride(1), b_q.stride(2),
+        b_qscale.stride(0), b_qscale.stride(1), b_qscale.stride(2),
+        b_fscale.stride(0), b_fscale.stride(1), b_fscale.stride(2),
+        bias_strides[0], bias_strides[1], out.stride(0), out.stride(1),
+        SCALE_BLOCK_M=act_block_m, SCALE_BLOCK_N=block_n, SUPER_GROUP=super_group_size,
+        BLOCK_K=block_k, NUM_K_BLOCKS=k_in // block_k,
+        EXPERTS_PAD=triton.next_power_of_2(num_experts),
+        HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages, **config,
+    )
+    return out

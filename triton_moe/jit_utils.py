@@ -1,0 +1,30 @@
+"""@triton.jit helpers shared by several kernel families.
+
+Each gives the same bits compiled and under the Triton interpreter, where some of
+Triton's own conversions differ from compiled code and from torch.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fp32_to_bf16_rne(x):
+    """fp32 -> bf16, round to nearest even, by integer ops on the bits.
+
+    Needed because the Triton 3.6 interpreter's ``.to(tl.bfloat16)`` truncates (and its
+    "rtne" mode rounds half up), while compiled code and torch round to nearest even:
+    this gives the same bits in both modes. NaN stays NaN (quiet).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    bf16_bits = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+    return bf16_bits.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_output_dtype(x, dtype: tl.constexpr):
+    """fp32 values -> ``dtype`` (bf16/fp16/fp32) with round-to-nearest-even in both modes."""
+    if dtype == tl.bfloat16:
+        return fp32_to_bf16_rne(x)
+    else:
+        return x.to(dtype)  # fp16 / fp32: already RNE in both modes
