@@ -97,7 +97,6 @@ def moe_blockwise_float(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torc
     x = hidden_states.float()
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
-    inter = w2.shape[2]
     local = ref_permute.local_expert_ids(topk_ids, w13.shape[0], expert_map)
     weights = topk_weights.float().reshape(-1)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)

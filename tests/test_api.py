@@ -45,6 +45,7 @@ def test_reference_design_super_group_needs_opt_in():
     (dict(scale_rounding="up"), "scale_rounding"),
     (dict(q_max=0), "q_max"),
     (dict(block_k=100), "block_k"),
+    (dict(block_k=96), "block_k must be a power of two"),
     (dict(block_n=40), "block_n"),
     (dict(act_block_m=0), "act_block_m"),
     (dict(act_block_m="tile"), "act_block_m"),
@@ -177,3 +178,17 @@ def test_fused_moe_rows_must_match(weights):
     x, _, _ = _inputs()
     with pytest.raises(ValueError, match="router_logits has 3 rows"):
         triton_moe.fused_moe(x, weights, torch.randn(3, E), TOP_K, backend="torch")
+
+
+def test_cutlass_backend_rejects_unsupported_block_k(monkeypatch):
+    """The CuTe DSL kernel takes one quant block per K tile: block_k 32 is refused with a
+    clear error before any kernel runs (availability is faked: this runs on CPU)."""
+    from triton_moe import api
+
+    monkeypatch.setattr(api, "require_backend", lambda backend, device: "cutlass")
+    gen = torch.Generator().manual_seed(0)
+    w = triton_moe.quantize_weights(torch.randn(E, 2 * N, K, generator=gen),
+                                    torch.randn(E, K, N, generator=gen), block_k=32)
+    x, tw, ti = _inputs()
+    with pytest.raises(ValueError, match=r"cutlass backend supports block_k in \(64, 128, 256\)"):
+        triton_moe.moe_forward(x, w, tw, ti, backend="cutlass")

@@ -280,6 +280,10 @@ def moe_forward(hidden_states: torch.Tensor, weights: QuantizedMoEWeights,
     if name == "cutlass":
         import cutlass_backend
 
+        if cfg.block_k not in cutlass_backend.SUPPORTED_BLOCK_K:
+            raise ValueError(f"the cutlass backend supports block_k in "
+                             f"{cutlass_backend.SUPPORTED_BLOCK_K}, the weights use "
+                             f"block_k={cfg.block_k}")
         gemm = cutlass_backend.grouped_gemm
     else:
         from triton_moe.gemm import grouped_gemm as gemm

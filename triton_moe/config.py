@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Union
 
+from reference.quant import max_safe_super_group_size
+
 INT8_ABS_MAX = 127
-INT32_MAX = 2**31 - 1
 SCALE_ROUNDINGS = ("nearest", "consistent")
 
 # Reference design's switch between 128- and 64-row activation scale blocks (SPEC 4.1).
@@ -29,11 +30,6 @@ ActBlockM = Union[int, str]
 def super_group_bound(super_group_size: int, q_max: int, block_k: int) -> int:
     """Largest |Q-weighted int32 sum| one super group can reach (SPEC 5)."""
     return super_group_size * q_max * q_max * block_k * INT8_ABS_MAX * INT8_ABS_MAX
-
-
-def max_safe_super_group_size(q_max: int, block_k: int) -> int:
-    """Largest G whose worst-case super-group sum stays <= 2**31 - 1 (0 if none)."""
-    return INT32_MAX // super_group_bound(1, q_max, block_k)
 
 
 def resolve_act_block_m(act_block_m: ActBlockM, num_pairs: int, num_experts: int) -> int:
@@ -77,8 +73,9 @@ class QuantConfig:
         for name, value in (("block_k", block_k), ("block_n", block_n), ("q_max", q_max)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if block_k % 32:
-            raise ValueError(f"block_k must be a multiple of 32 (the int8 MMA K), got {block_k}")
+        if block_k < 32 or block_k & (block_k - 1):
+            raise ValueError(f"block_k must be a power of two >= 32 (a whole number of int8 "
+                             f"MMA K-steps, and a Triton block shape), got {block_k}")
         if block_n % 16:
             raise ValueError(f"block_n must be a multiple of 16, got {block_n}")
         if scale_rounding not in SCALE_ROUNDINGS:

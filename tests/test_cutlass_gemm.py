@@ -1,0 +1,308 @@
+"""CuTe DSL hybrid grouped GEMM (cutlass_backend) against reference/gemm.py (SPEC 5).
+
+CPU tier (CI, no GPU): every kernel variant (tile x out dtype x bias) compiles for sm_80
+and its PTX holds the signed int8 MMA, cp.async and ldmatrix; the package imports and
+explains itself without the DSL. GPU tier (``@pytest.mark.gpu``): results against the
+oracle on ragged experts, empty experts, several super groups, per-token / 64 / 128-row
+activation scales, ragged Nout, and the default workload's two GEMMs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+
+import cutlass_backend
+from reference import gemm as ref_gemm
+
+HAS_DSL = importlib.util.find_spec("cutlass") is not None and (
+    importlib.util.find_spec("cutlass.cute") is not None)
+needs_dsl = pytest.mark.skipif(
+    not HAS_DSL, reason=f"nvidia-cutlass-dsl is not installed ({cutlass_backend.INSTALL_HINT})")
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SIGNED_MMA = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"
+
+
+# ----------------------------------------------------------------------------- CPU tier
+def test_import_without_dsl_explains_how_to_install(monkeypatch):
+    # Simulate a missing DSL: importing cutlass.cute raises ImportError.
+    monkeypatch.setitem(__import__("sys").modules, "cutlass.cute", None)
+    monkeypatch.setattr(cutlass_backend, "_kernel_module", None)
+    ok, reason = cutlass_backend.is_available()
+    assert not ok and "nvidia-cutlass-dsl" in reason and cutlass_backend.INSTALL_HINT in reason
+    with pytest.raises(RuntimeError, match=r"pip install 'triton-moe\[cutlass\]'"):
+        cutlass_backend.grouped_gemm(*([None] * 8), act_block_m=128, block_n=64, block_k=128,
+                                     super_group_size=4, out_dtype=torch.bfloat16)
+
+
+@needs_dsl
+def test_is_available_names_the_missing_piece():
+    ok, reason = cutlass_backend.is_available()
+    if torch.cuda.is_available():
+        assert ok and reason == ""
+    else:
+        assert not ok and "CUDA" in reason
+
+
+@needs_dsl
+def test_tile_choice_follows_rows_per_expert():
+    from cutlass_backend import gemm
+
+    assert gemm.select_tile(8192 * 8, 256) == "large"   # 256 rows per expert
+    assert gemm.select_tile(70 * 256, 256) == "small"   # reference switch at <= 70 rows
+    assert gemm.select_tile(16, 0) == "small"
+
+
+# Every (tile, out dtype, bias) variant in the scalar-weight form (the default scales) at
+# block_k 128; the per-row/per-column-scale form once per tile (it differs from the scalar
+# one only in the weighting; dtype and bias only touch the shared epilogue); block_k 64 and
+# 256 once each. 16 compiles of 1.5-7 s each (2-core CPU).
+COMPILE_VARIANTS = [(tile, dtype, bias, True, 128) for tile in ("large", "small")
+                    for dtype in OUT_DTYPES for bias in (False, True)]
+COMPILE_VARIANTS += [("large", torch.bfloat16, False, False, 128),
+                     ("small", torch.float32, True, False, 128),
+                     ("large", torch.bfloat16, False, True, 64),
+                     ("small", torch.float16, True, False, 256)]
+
+
+@needs_dsl
+@pytest.mark.parametrize(
+    "tile, out_dtype, has_bias, uniform, block_k", COMPILE_VARIANTS,
+    ids=[f"{t}-{str(d).split('.')[-1]}-{'bias' if b else 'nobias'}-"
+         f"{'scalar' if u else 'rowcol'}-k{k}" for t, d, b, u, k in COMPILE_VARIANTS])
+def test_variant_compiles_for_sm80_with_signed_mma(tile, out_dtype, has_bias, uniform, block_k,
+                                                   tmp_path, monkeypatch):
+    """Compile on placeholder pointers for sm_80 (no GPU) and read the PTX it dumps."""
+    from cutlass_backend import gemm
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_80")
+    monkeypatch.setenv("CUTE_DSL_KEEP_PTX", "1")
+    monkeypatch.setenv("CUTE_DSL_DUMP_DIR", str(tmp_path))
+    start = time.perf_counter()
+    # The DSL reads its env once per process, so pass the same settings as options too.
+    gemm.compile_variant(tile, block_k, out_dtype, has_bias, uniform,
+                         options=f"--gpu-arch sm_80 --keep-ptx --dump-dir {tmp_path}")
+    seconds = time.perf_counter() - start
+    ptx_files = [p for p in os.listdir(tmp_path) if p.endswith(".sm_80.ptx")]
+    assert len(ptx_files) == 1, ptx_files
+    ptx = (tmp_path / ptx_files[0]).read_text()
+    mma_lines = [line.strip() for line in ptx.splitlines() if "mma.sync" in line]
+    # signed operands (signless i8 would silently give .u8.u8, CUTE_DSL.md), and the
+    # whole 32x32 warp sub-tile x one K-block: 2 x 4 x (block_k / 32) MMAs per loop trip
+    assert mma_lines and all(SIGNED_MMA in line for line in mma_lines), mma_lines[:3]
+    assert len(mma_lines) == 8 * block_k // 32
+    assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx
+    assert ".local" not in ptx          # no register spills to local memory in the PTX
+    assert ".minnctapersm" in ptx     # register budget for 2 / 3 CTAs per SM
+    print(f"compile {tile}/{out_dtype}/bias={has_bias}/uniform={uniform}/k{block_k}: "
+          f"{seconds:.1f} s")
+
+
+# ----------------------------------------------------------------------------- GPU tier
+def make_problem(*, num_rows, counts, k_in, n_out, act_block_m, block_n=64, block_k=128,
+                 super_group_size=4, q_max=16, bias=False, seed=0, exact=False,
+                 device="cuda"):
+    """Random quantized GEMM inputs in design.md layouts. ``counts`` = rows per expert
+    (sum <= num_rows; the rest is padding that must stay unwritten). ``exact`` picks
+    F = 1 and Q in {0, 1, 2} so every fp32 step of the oracle is exact (|sums| < 2**24)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_experts = len(counts)
+    num_k_blocks = k_in // block_k
+    num_groups = -(-num_k_blocks // super_group_size)
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
+    expert_offsets[1:] = counts_t.cumsum(0)
+    scale_row_offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
+    scale_row_offsets[1:] = ((counts_t + act_block_m - 1) // act_block_m).cumsum(0)
+    num_scale_rows = num_rows if act_block_m == 1 else -(-num_rows // act_block_m) + num_experts
+    q_hi = 3 if exact else q_max + 1
+    # full int8 range, -128 included: a wrong (unsigned) MMA cannot pass
+    a_q = torch.randint(-128, 128, (num_rows, k_in), generator=gen, dtype=torch.int8)
+    b_q = torch.randint(-128, 128, (num_experts, n_out, k_in), generator=gen, dtype=torch.int8)
+    a_qscale = torch.randint(0, q_hi, (num_scale_rows, num_k_blocks), generator=gen,
+                             dtype=torch.int32)
+    b_qscale = torch.randint(0, q_hi, (num_experts, n_out // block_n, num_k_blocks),
+                             generator=gen, dtype=torch.int32)
+    if exact:
+        a_fscale = torch.ones(num_scale_rows, num_groups)
+        b_fscale = torch.ones(num_experts, n_out // block_n, num_groups)
+    else:
+        a_fscale = torch.rand(num_scale_rows, num_groups, generator=gen) * 1e-3 + 1e-5
+        b_fscale = torch.rand(num_experts, n_out // block_n, num_groups, generator=gen) * 1e-3
+    problem = dict(a_q=a_q, a_qscale=a_qscale, a_fscale=a_fscale, b_q=b_q, b_qscale=b_qscale,
+                   b_fscale=b_fscale, expert_offsets=expert_offsets.to(torch.int32),
+                   scale_row_offsets=scale_row_offsets.to(torch.int32))
+    problem = {name: t.to(device) for name, t in problem.items()}
+    if bias:
+        problem["bias"] = (torch.randn(num_experts, n_out, generator=gen) * 0.1).to(device)
+    params = dict(act_block_m=act_block_m, block_n=block_n, block_k=block_k,
+                  super_group_size=super_group_size)
+    return problem, params
+
+
+def tolerance(problem, params, ref, out_dtype):
+    """Per-element bound on |kernel - oracle|. The int32 sums are exact in both; the fp32
+    combination may differ by FMA contraction (<= 1 ulp per super-group term, bounded by
+    2**-23 * sum_g |F_A F_B S_g|, doubled for the sum), and a bf16/fp16 result may then
+    round to the neighbouring value (one ulp of the output type: 2**-7 / 2**-10 relative)."""
+    partials = ref_gemm.super_group_partials(
+        problem["a_q"], problem["a_qscale"], problem["b_q"], problem["b_qscale"],
+        problem["expert_offsets"], problem["scale_row_offsets"], **params).double()
+    offsets = problem["expert_offsets"].tolist()
+    scale_offsets = problem["scale_row_offsets"].tolist()
+    num_rows, n_out = ref.shape
+    f_a = torch.zeros(num_rows, partials.shape[2], dtype=torch.float64, device=ref.device)
+    f_b = torch.zeros(num_rows, n_out, partials.shape[2], dtype=torch.float64, device=ref.device)
+    cols = torch.arange(n_out, device=ref.device) // params["block_n"]
+    for expert in range(len(offsets) - 1):
+        start, end = offsets[expert], offsets[expert + 1]
+        if end > start:
+            rows = scale_offsets[expert] + torch.arange(end - start, device=ref.device) \
+                // params["act_block_m"]
+            f_a[start:end] = problem["a_fscale"][rows].double()
+            f_b[start:end] = problem["b_fscale"][expert][cols].double()
+    magnitude = (partials.abs() * f_a[:, None, :] * f_b).sum(dim=2)
+    rel = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 0.0}[out_dtype]
+    return 2.0**-22 * magnitude + rel * ref.double().abs() + 1e-30
+
+
+def check(out, ref, bound, valid_rows):
+    """Every valid row within ``bound``; a short diagnosis of the misses otherwise."""
+    err = (out[:valid_rows].double() - ref[:valid_rows].double()).abs()
+    bad = err > bound[:valid_rows]
+    if bad.any():
+        rows, cols = bad.nonzero(as_tuple=True)
+        raise AssertionError(
+            f"{int(bad.sum())} of {bad.numel()} elements off; rows {rows.unique()[:16].tolist()}"
+            f", cols {cols.unique()[:16].tolist()}; first: out={out[rows[0], cols[0]].item()}"
+            f" ref={ref[rows[0], cols[0]].item()}; max err {err.max().item():.3e}")
+
+
+def run_case(problem, params, *, out_dtype, tile=None):
+    """Kernel and oracle on one problem; rows past expert_offsets[E] must stay untouched."""
+    num_rows, n_out = problem["a_q"].shape[0], problem["b_q"].shape[1]
+    sentinel = torch.full((num_rows, n_out), float("nan"), device="cuda").to(out_dtype)
+    out = cutlass_backend.grouped_gemm(**problem, **params, out_dtype=out_dtype,
+                                       out=sentinel.clone(), tile=tile)
+    ref = ref_gemm.grouped_gemm(**problem, **params, out_dtype=out_dtype)
+    valid_rows = int(problem["expert_offsets"][-1])
+    assert torch.isnan(out[valid_rows:]).all(), "rows >= expert_offsets[E] were written"
+    return out, ref, valid_rows
+
+
+def ragged_counts(num_experts, num_rows, seed, empty=(1,)):
+    """Uneven rows per expert summing to < num_rows, with some experts empty."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(num_experts, generator=gen) ** 2
+    weights[list(empty)] = 0
+    counts = (weights / weights.sum() * (num_rows - 5)).floor().to(torch.int64)
+    return counts.tolist()
+
+
+@pytest.mark.gpu
+@needs_dsl
+@pytest.mark.parametrize("act_block_m", [1, 64, 128])
+@pytest.mark.parametrize("tile", ["large", "small"])
+def test_integer_part_is_exact(tile, act_block_m):
+    """F = 1 and small Q: every fp32 step is exact, so the kernel must match bit for bit.
+    Full-range signed int8, ragged experts, an empty expert, 2 super groups of 2."""
+    counts = ragged_counts(6, 600, seed=act_block_m)
+    problem, params = make_problem(num_rows=600, counts=counts, k_in=512, n_out=128,
+                                   act_block_m=act_block_m, super_group_size=2, exact=True)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=torch.float32, tile=tile)
+    check(out, ref, torch.zeros_like(ref, dtype=torch.float64), valid_rows)   # bit-exact
+
+
+GPU_CASES = [
+    # tile, out dtype, bias, act_block_m, block_n, Kin, Nout, G  (KB = Kin / 128)
+    ("large", torch.bfloat16, True, 128, 64, 1024, 256, 4),   # SG = 2
+    ("large", torch.float32, False, 1, 64, 640, 192, 2),      # per-token scales, SG = 3 ragged
+    ("large", torch.float16, False, 64, 32, 768, 96, 4),      # ragged Nout (96 = 64 + 32)
+    ("small", torch.bfloat16, False, 64, 64, 512, 128, 1),    # SG = 4 of one block each
+    ("small", torch.float32, True, 1, 64, 256, 64, 4),        # SG = 1
+    ("small", torch.float16, True, 128, 128, 384, 256, 4),    # block_n > tile N
+]
+
+
+@pytest.mark.gpu
+@needs_dsl
+@pytest.mark.parametrize("tile, out_dtype, bias, act_block_m, block_n, k_in, n_out, group",
+                         GPU_CASES)
+def test_matches_reference(tile, out_dtype, bias, act_block_m, block_n, k_in, n_out, group):
+    counts = ragged_counts(8, 1000, seed=k_in, empty=(0, 5))
+    problem, params = make_problem(num_rows=1000, counts=counts, k_in=k_in, n_out=n_out,
+                                   act_block_m=act_block_m, block_n=block_n,
+                                   super_group_size=group, bias=bias, seed=k_in + n_out)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=out_dtype, tile=tile)
+    check(out, ref, tolerance(problem, params, ref, out_dtype), valid_rows)
+
+
+@pytest.mark.gpu
+@needs_dsl
+@pytest.mark.parametrize("tile, block_k, act_block_m, group", [
+    ("large", 64, 128, 4), ("small", 64, 1, 4), ("large", 256, 1, 2), ("small", 256, 64, 2)])
+def test_other_block_k(tile, block_k, act_block_m, group):
+    """block_k 64 / 256 (K tile = quant block); G keeps G * 16**2 * block_k * 127**2 < 2**31."""
+    counts = ragged_counts(5, 700, seed=block_k, empty=(2,))
+    problem, params = make_problem(num_rows=700, counts=counts, k_in=4 * 256, n_out=192,
+                                   act_block_m=act_block_m, block_k=block_k,
+                                   super_group_size=group, bias=True, seed=block_k)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=torch.bfloat16, tile=tile)
+    check(out, ref, tolerance(problem, params, ref, torch.bfloat16), valid_rows)
+
+
+@pytest.mark.gpu
+@needs_dsl
+def test_all_experts_empty_writes_nothing():
+    problem, params = make_problem(num_rows=256, counts=[0] * 4, k_in=256, n_out=64,
+                                   act_block_m=128)
+    out, _, _ = run_case(problem, params, out_dtype=torch.bfloat16)
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.gpu
+@needs_dsl
+def test_cuda_graph_capture_replays_same_result():
+    counts = ragged_counts(4, 512, seed=3)
+    problem, params = make_problem(num_rows=512, counts=counts, k_in=512, n_out=128,
+                                   act_block_m=64)
+    out = torch.empty(512, 128, dtype=torch.bfloat16, device="cuda")
+    eager = cutlass_backend.grouped_gemm(**problem, **params, out_dtype=torch.bfloat16).clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):   # warm-up (compile) outside the capture
+        cutlass_backend.grouped_gemm(**problem, **params, out_dtype=torch.bfloat16, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    out.zero_()
+    with torch.cuda.graph(graph):
+        cutlass_backend.grouped_gemm(**problem, **params, out_dtype=torch.bfloat16, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    valid_rows = int(problem["expert_offsets"][-1])
+    assert torch.equal(out[:valid_rows], eager[:valid_rows])
+
+
+def default_workload_counts(num_rows, num_experts, seed):
+    """Rows per expert of a top-k routing: multinomial around P / E (256 here)."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, num_experts, (num_rows,), generator=gen)
+    return torch.bincount(picks, minlength=num_experts).tolist()
+
+
+@pytest.mark.gpu
+@needs_dsl
+@pytest.mark.parametrize("k_in, n_out", [(2048, 1024), (512, 2048)], ids=["gemm1", "gemm2"])
+def test_default_workload(k_in, n_out):
+    """SPEC 8: M=8192, top-8 -> P=65536 rows over E=256 experts, K=2048, N=512."""
+    num_rows, num_experts = 65536, 256
+    counts = default_workload_counts(num_rows, num_experts, seed=k_in)
+    problem, params = make_problem(num_rows=num_rows, counts=counts, k_in=k_in, n_out=n_out,
+                                   act_block_m=128, super_group_size=4, seed=7)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=torch.bfloat16)
+    check(out, ref, tolerance(problem, params, ref, torch.bfloat16), valid_rows)
