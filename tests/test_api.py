@@ -185,10 +185,10 @@ def test_cutlass_backend_rejects_unsupported_block_k(monkeypatch):
     clear error before any kernel runs (availability is faked: this runs on CPU)."""
     from triton_moe import api
 
-    monkeypatch.setattr(api, "require_backend", lambda backend, device: "cutlass")
     gen = torch.Generator().manual_seed(0)
     w = triton_moe.quantize_weights(torch.randn(E, 2 * N, K, generator=gen),
                                     torch.randn(E, K, N, generator=gen), block_k=32)
     x, tw, ti = _inputs()
+    monkeypatch.setattr(api, "require_backend", lambda backend, device: "cutlass")
     with pytest.raises(ValueError, match=r"cutlass backend supports block_k in \(64, 128, 256\)"):
         triton_moe.moe_forward(x, w, tw, ti, backend="cutlass")
