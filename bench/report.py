@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -205,6 +206,9 @@ def plot(records: list[dict], path: str) -> None:
 
     timed = [r for r in records if r["median_ms"]]
     shapes = list(dict.fromkeys(r["shape"] for r in timed))
+    if not shapes:
+        print(f"no timed records: {path} not written", file=sys.stderr)
+        return
     fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4 * len(shapes)), squeeze=False)
     for row, shape in enumerate(shapes):
         ax_time, ax_speed = axes[row]

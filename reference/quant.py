@@ -28,6 +28,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def ieee_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor``, correctly rounded on every device.
+
+    torch on CUDA divides by a Python scalar as a multiplication by its reciprocal, which
+    is off by an ulp for many inputs (e.g. absmax / 127); dividing by a tensor is a true
+    IEEE division there, as it is on the CPU and in the kernels (``tl.math.div_rn``).
+    """
+    return x / torch.full_like(x, divisor)
+
+
 def round_half_even(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest integer, ties to even (``torch.round`` does exactly that)."""
     return torch.round(x)
@@ -79,7 +89,7 @@ def block_scales(x: torch.Tensor, block_rows: int, block_k: int) -> torch.Tensor
         absx = torch.cat([absx, absx.new_zeros(*batch, pad, num_cols)], dim=-2)
     absmax = absx.reshape(*batch, row_blocks, block_rows, num_cols // block_k, block_k)
     absmax = absmax.amax(dim=(-3, -1)).float()
-    return torch.clamp_min(absmax / INT8_ABS_MAX, SCALE_EPS)
+    return torch.clamp_min(ieee_div(absmax, INT8_ABS_MAX), SCALE_EPS)
 
 
 def factorize_scales(s: torch.Tensor, *, q_max: int, super_group_size: int,
@@ -98,7 +108,7 @@ def factorize_scales(s: torch.Tensor, *, q_max: int, super_group_size: int,
     pad = num_groups * super_group_size - num_blocks
     padded = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1) if pad else s
     group_max = padded.reshape(*s.shape[:-1], num_groups, super_group_size).amax(dim=-1)
-    fscale = group_max / q_max
+    fscale = ieee_div(group_max, q_max)
     ratio = s / _expand_cols(fscale, super_group_size, num_blocks)
     if scale_rounding == "nearest":
         qscale = torch.clamp(round_half_even(ratio), 0, q_max)

@@ -342,6 +342,9 @@ def test_profile_nvtx_ranges(fake_cuda):
     assert fake_cuda["nvtx"].count("pop") == len(pushes)  # balanced
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU tier: drives the GPU code path on CPU tensors, which needs "
+                           "the Triton interpreter (the GPU tier runs the real path)")
 def test_gpu_driver_flow_on_cpu(fake_cuda, monkeypatch, tmp_path, capsys):
     """driver.run_gpu end to end on CPU tensors with the fake timing layer: the baseline is
     graph-captured, the torch backend is not tried (it syncs), records and files come out."""

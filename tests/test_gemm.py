@@ -129,8 +129,14 @@ def assert_matches(got, expected, problem):
         _, exponent = torch.frexp(expected.float())
         ulp = torch.ldexp(torch.ones_like(expected, dtype=torch.float32),
                           exponent - 1 - mantissa_bits)
+        allowed = ulp
+        if got.device.type != "cpu":
+            # The fp32 values may differ by the FMA bound above before rounding; where the
+            # super groups cancel, that is many ulps of a small result.
+            num_groups = problem.tensors[2].shape[1]
+            allowed = ulp + (num_groups + 1) * 2.0**-22 * term_magnitude(problem)
         diff = (got.float() - expected.float()).abs()
-        assert torch.all(diff <= ulp), f"max diff {(diff / ulp).max().item()} ulp"
+        assert torch.all(diff <= allowed), f"max diff {(diff / ulp).max().item()} ulp"
 
 
 # Ragged counts with an empty expert; P = R + 3 is no multiple of any tile.

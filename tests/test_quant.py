@@ -508,3 +508,13 @@ def test_quantize_weight_mixtral_size_memory():
     outputs = w_q.numel() + qscale.numel() * 4 + fscale.numel() * 4
     assert torch.cuda.max_memory_allocated() - base - outputs < 6 * 2**30
     assert w_q.shape == w13.shape and qscale.shape == (8, 448, 32) and fscale.shape == (8, 448, 8)
+
+
+def test_ieee_div_is_correctly_rounded(device):
+    """The oracle's scale divisions must be IEEE on every device (torch on CUDA turns a
+    division by a Python scalar into a multiplication by its reciprocal)."""
+    from reference.quant import ieee_div
+
+    x = torch.rand(1 << 16, device=device) * 10
+    exact = (x.double() / 127).float()    # fp32 division correctly rounded via fp64
+    assert torch.equal(ieee_div(x, 127).cpu(), exact.cpu())
