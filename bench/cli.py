@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--super-group-size", type=_positive_int, default=None, metavar="G",
                        help="K-blocks per float scale F (default: the library's, the largest "
                             "overflow-safe G)")
+    quant.add_argument("--allow-int32-overflow", action="store_true",
+                       help="accept a --super-group-size whose worst case can wrap the int32 "
+                            "accumulator (the reference design: --super-group-size 256 "
+                            "--scale-rounding nearest)")
     quant.add_argument("--scale-rounding", choices=("consistent", "nearest"),
                        default="consistent",
                        help="Q = ceil(s/F) with matching int8 values (consistent, default) "
@@ -232,6 +236,8 @@ def quant_options(args: argparse.Namespace) -> dict:
                "scale_rounding": args.scale_rounding, "act_block_m": args.act_block_m}
     if args.super_group_size is not None:
         options["super_group_size"] = args.super_group_size
+    if args.allow_int32_overflow:
+        options["allow_int32_overflow"] = True
     return options
 
 

@@ -431,3 +431,13 @@ def test_gpu_run_end_to_end(tmp_path):
             assert set(record["stages"]) == set(report.STAGE_ORDER)
             assert record["speedup_vs_bf16"] > 0
     assert all(record["ceilings"]["bf16_tflops"] > 0 for record in records)
+
+
+def test_reference_design_options_reach_quantize_weights():
+    args, _ = parse_args(["--super-group-size", "256", "--scale-rounding", "nearest",
+                          "--allow-int32-overflow"], has_gpu=False)
+    options = quant_options(args)
+    assert options["super_group_size"] == 256 and options["allow_int32_overflow"]
+    assert options["scale_rounding"] == "nearest"
+    args, _ = parse_args([], has_gpu=False)
+    assert "allow_int32_overflow" not in quant_options(args)

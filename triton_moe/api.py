@@ -8,20 +8,27 @@ the exception: it is the slow, exact oracle).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from triton_moe.backends import require_backend
 from triton_moe.config import ActBlockM, QuantConfig, resolve_act_block_m
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEVICE_TYPES = ("cpu", "cuda")
+OPERAND_ALIGNMENT = 16  # bytes; see _check_aligned
+# Pair ids p = t * top_k + j and permuted rows are int32 in every stage (docs/design.md).
+MAX_PAIRS = 2**31 - 1
 StageCallback = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- validation
 def _check_tensor(name: str, tensor, *, ndim: int | None = None, dtypes=None,
-                  device: torch.device | None = None, contiguous: bool = True) -> None:
+                  device: torch.device | None = None, contiguous: bool = True,
+                  aligned: bool = False) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if ndim is not None and tensor.dim() != ndim:
@@ -34,6 +41,36 @@ def _check_tensor(name: str, tensor, *, ndim: int | None = None, dtypes=None,
     if contiguous and not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides "
                          f"{tuple(tensor.stride())} for shape {tuple(tensor.shape)}")
+    if aligned:
+        _check_aligned(name, tensor)
+
+
+def _has_storage(tensor: torch.Tensor) -> bool:
+    """False for meta and fake tensors (shape inference, torch.compile tracing)."""
+    return not (tensor.is_meta or isinstance(tensor, FakeTensor))
+
+
+def _check_aligned(name: str, tensor: torch.Tensor) -> None:
+    """Kernel operands must start on a 16-byte boundary: the kernels (Triton's pointer
+    specialization, the CuTe DSL's assumed_align=16 copies) load 16-byte vectors."""
+    if tensor.numel() == 0 or not _has_storage(tensor):
+        return
+    misalignment = tensor.data_ptr() % OPERAND_ALIGNMENT
+    if misalignment:
+        raise ValueError(
+            f"{name} must start at a {OPERAND_ALIGNMENT}-byte aligned address (the kernels "
+            f"load {OPERAND_ALIGNMENT}-byte vectors); its data pointer is {misalignment} bytes "
+            f"past one (a view with storage_offset={tensor.storage_offset()}): pass "
+            f"{name.split('.')[-1]}.clone()")
+
+
+def _check_device_type(name: str, tensor: torch.Tensor, *, allow_meta: bool = False) -> None:
+    allowed = DEVICE_TYPES + (("meta",) if allow_meta else ())
+    if tensor.device.type not in allowed:
+        raise ValueError(
+            f"{name} is on {tensor.device}; the forward runs on cuda tensors (or cpu tensors "
+            "under the Triton interpreter / with backend='torch'). For shape inference call "
+            "torch.ops.triton_moe.moe_forward on meta tensors")
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -103,6 +140,7 @@ def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, *, block_n: int = 64,
     _check_tensor("w13", w13, ndim=3, dtypes=ACTIVATION_DTYPES, contiguous=False)
     _check_tensor("w2", w2, ndim=3, dtypes=ACTIVATION_DTYPES, device=w13.device,
                   contiguous=False)
+    _check_device_type("w13", w13, allow_meta=True)
     num_experts, two_n, hidden = w13.shape
     if num_experts < 1:
         raise ValueError("w13 must hold at least one expert, got shape "
@@ -118,6 +156,11 @@ def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, *, block_n: int = 64,
             raise ValueError(f"{dim_name}={dim} must be a multiple of block_k={block_k}")
         if dim % block_n:
             raise ValueError(f"{dim_name}={dim} must be a multiple of block_n={block_n}")
+    # Offline, so reading values is fine: a NaN/Inf weight would make its block's scales
+    # NaN and every output that touches the block garbage, without any error later.
+    for name, weight in (("w13", w13), ("w2", w2)):
+        if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"{name} contains NaN or Inf values; expert weights must be finite")
     from reference import quant as ref_quant
 
     opts = dict(block_n=block_n, block_k=block_k, q_max=q_max,
@@ -146,6 +189,7 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
         score order, ties to the lower expert index.
     """
     _check_tensor("router_logits", router_logits, ndim=2, dtypes=ACTIVATION_DTYPES)
+    _check_device_type("router_logits", router_logits)
     num_experts = router_logits.shape[1]
     _check_positive_int("top_k", top_k)
     if top_k > num_experts:
@@ -190,14 +234,59 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
 
 
 # --------------------------------------------------------------------------- forward
-def _check_forward_inputs(hidden_states, weights, topk_weights, topk_ids, expert_map,
-                          check_ids: bool | None):
+# Weights that passed _check_weights, by id (a frozen dataclass: its tensors' shapes,
+# dtypes and devices cannot change), so the checks run once per weights object.
+_VALIDATED_WEIGHTS: weakref.WeakValueDictionary[int, QuantizedMoEWeights] = \
+    weakref.WeakValueDictionary()
+
+
+def _check_weights(weights, *, allow_meta: bool = False) -> None:
+    """Every weight tensor against the layout of docs/design.md and ``weights.config``."""
     if not isinstance(weights, QuantizedMoEWeights):
         raise TypeError("weights must be the QuantizedMoEWeights returned by "
                         f"quantize_weights, got {type(weights).__name__}")
+    if _VALIDATED_WEIGHTS.get(id(weights)) is weights:
+        return
+    cfg = weights.config
+    if not isinstance(cfg, QuantConfig):
+        raise TypeError(f"weights.config must be a QuantConfig, got {type(cfg).__name__}")
+    _check_tensor("weights.w13_q", weights.w13_q, ndim=3, dtypes=(torch.int8,), aligned=True)
+    _check_device_type("weights.w13_q", weights.w13_q, allow_meta=allow_meta)
+    num_experts, two_n, hidden = weights.w13_q.shape
+    inter = two_n // 2
+    if num_experts < 1 or two_n % 2:
+        raise ValueError(f"weights.w13_q must be [E, 2N, K] with E >= 1, got "
+                         f"{tuple(weights.w13_q.shape)}")
+    for dim_name, dim in (("hidden size K", hidden), ("intermediate size N", inter)):
+        if dim % cfg.block_k or dim % cfg.block_n or dim == 0:
+            raise ValueError(f"weights: {dim_name}={dim} must be a positive multiple of "
+                             f"block_k={cfg.block_k} and block_n={cfg.block_n}")
+    bn, bk = cfg.block_n, cfg.block_k
+    expected = {
+        "w13_q": ((num_experts, two_n, hidden), torch.int8),
+        "w13_qscale": ((num_experts, two_n // bn, hidden // bk), torch.int32),
+        "w13_fscale": ((num_experts, two_n // bn, cfg.num_super_groups(hidden)), torch.float32),
+        "w2_q": ((num_experts, hidden, inter), torch.int8),
+        "w2_qscale": ((num_experts, hidden // bn, inter // bk), torch.int32),
+        "w2_fscale": ((num_experts, hidden // bn, cfg.num_super_groups(inter)), torch.float32),
+    }
+    for field, (shape, dtype) in expected.items():
+        tensor = getattr(weights, field)
+        _check_tensor(f"weights.{field}", tensor, ndim=3, dtypes=(dtype,),
+                      device=weights.w13_q.device, aligned=True)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"weights.{field} must have shape {shape} (docs/design.md, "
+                             f"with {cfg}), got {tuple(tensor.shape)}")
+    if all(_has_storage(getattr(weights, field)) for field in expected):
+        _VALIDATED_WEIGHTS[id(weights)] = weights
+
+
+def _check_forward_inputs(hidden_states, weights, topk_weights, topk_ids, expert_map,
+                          check_ids: bool | None, *, allow_meta: bool = False):
+    _check_weights(weights, allow_meta=allow_meta)
     device = weights.device
     _check_tensor("hidden_states", hidden_states, ndim=2, dtypes=ACTIVATION_DTYPES,
-                  device=device)
+                  device=device, aligned=True)
     num_tokens, hidden = hidden_states.shape
     if hidden != weights.hidden_size:
         raise ValueError(f"hidden_states.shape[1]={hidden} must equal the weights' hidden "
@@ -219,6 +308,9 @@ def _check_forward_inputs(hidden_states, weights, topk_weights, topk_ids, expert
     if top_k < 1 or top_k > num_global:
         raise ValueError(f"top_k={top_k} (topk_ids.shape[1]) must be in [1, {num_global}] "
                          "(the number of experts)")
+    if num_tokens * top_k > MAX_PAIRS:
+        raise ValueError(f"M * top_k = {num_tokens} * {top_k} (token, expert) pairs exceed "
+                         f"{MAX_PAIRS}: pair ids are int32; split the batch")
     # Range checks read values: free on CPU; on CUDA they sync, so only when asked.
     if check_ids is None:
         check_ids = device.type == "cpu"
@@ -242,7 +334,8 @@ def moe_forward(hidden_states: torch.Tensor, weights: QuantizedMoEWeights,
     """The INT8 hybrid MoE forward (SPEC 3-7): [M, K] in hidden_states.dtype.
 
     Args:
-        hidden_states: [M, K] bf16/fp16/fp32, contiguous, on the weights' device.
+        hidden_states: [M, K] bf16/fp16/fp32, contiguous, 16-byte aligned, on the
+            weights' device.
         weights: from :func:`quantize_weights`.
         topk_weights: fp32 [M, top_k]; topk_ids: int32/int64 [M, top_k] expert ids
             (global ids when ``expert_map`` is given).
@@ -252,8 +345,38 @@ def moe_forward(hidden_states: torch.Tensor, weights: QuantizedMoEWeights,
             ("permute_quantize", "gemm1", "silu_quantize", "gemm2", "unpermute") and with
             "end" after the last: hook CUDA events or NVTX ranges here.
         check_ids: verify that ids lie in range; default True on CPU (free) and False on
-            CUDA, where the check would sync the host with the device.
+            CUDA, where the check would sync the host with the device. Unchecked, an
+            out-of-range id makes its token's output NaN (no memory is touched).
+
+    Under ``torch.compile`` the call becomes one ``torch.ops.triton_moe.moe_forward``
+    node (``triton_moe.ops``): no graph break, shapes from its fake implementation. A
+    ``stage_callback`` cannot enter a graph: with one, the call runs eagerly (a graph
+    break; an error under ``fullgraph=True``).
+
+    Non-finite activations (NaN/Inf in hidden_states) never crash or hang the forward:
+    they make non-finite the outputs of every token that shares an activation scale block
+    with the bad token (the ``act_block_m`` rows of one expert's segment; with
+    ``act_block_m=1`` only the bad token itself) and leave all other tokens unchanged.
     """
+    if torch.compiler.is_compiling():
+        if stage_callback is None:
+            from triton_moe import ops
+
+            return ops.moe_forward_op(hidden_states, weights, topk_weights, topk_ids,
+                                      backend=backend, expert_map=expert_map,
+                                      check_ids=check_ids)
+        return _moe_forward_eager_not_traced(
+            hidden_states, weights, topk_weights, topk_ids, backend=backend,
+            expert_map=expert_map, stage_callback=stage_callback, check_ids=check_ids)
+    return _moe_forward_eager(hidden_states, weights, topk_weights, topk_ids,
+                              backend=backend, expert_map=expert_map,
+                              stage_callback=stage_callback, check_ids=check_ids)
+
+
+def _moe_forward_eager(hidden_states, weights, topk_weights, topk_ids, *, backend,
+                       expert_map, stage_callback, check_ids) -> torch.Tensor:
+    """Validate, pick the backend and run (the body of ``moe_forward`` and of the
+    ``triton_moe::moe_forward`` op)."""
     _check_forward_inputs(hidden_states, weights, topk_weights, topk_ids, expert_map,
                           check_ids)
     name = require_backend(backend, weights.device)
@@ -292,12 +415,19 @@ def moe_forward(hidden_states: torch.Tensor, weights: QuantizedMoEWeights,
                                       gemm=gemm, stage_callback=stage_callback)
 
 
+# Under torch.compile, a call with a stage_callback runs eagerly behind a graph break.
+_moe_forward_eager_not_traced = torch.compiler.disable(_moe_forward_eager)
+
+
 def fused_moe(hidden_states: torch.Tensor, weights: QuantizedMoEWeights,
               router_logits: torch.Tensor, top_k: int, *, backend: str | None = None,
               expert_map: torch.Tensor | None = None,
               stage_callback: StageCallback | None = None, **routing_options) -> torch.Tensor:
     """:func:`route` then :func:`moe_forward`; ``routing_options`` go to :func:`route`."""
     _check_tensor("router_logits", router_logits, ndim=2, dtypes=ACTIVATION_DTYPES)
+    if isinstance(weights, QuantizedMoEWeights) and router_logits.device != weights.device:
+        raise ValueError(f"router_logits must be on {weights.device} (where the weights "
+                         f"are), got {router_logits.device}")
     if router_logits.shape[0] != getattr(hidden_states, "shape", (None,))[0]:
         raise ValueError(f"router_logits has {router_logits.shape[0]} rows but "
                          f"hidden_states has {getattr(hidden_states, 'shape', None)}")
