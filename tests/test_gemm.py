@@ -27,8 +27,11 @@ from triton_moe import gemm as triton_gemm
 from triton_moe.config import resolve_act_block_m
 
 SENTINEL = -12288.0  # exact in bf16, fp16 and fp32
-TILE_VARIANTS = [config for _, config in triton_gemm.GEMM_CONFIGS]
-TILE_IDS = [f"tile{c['BLOCK_M']}x{c['BLOCK_N']}" for c in TILE_VARIANTS]
+TILE_VARIANTS = []  # the distinct configs of the table, in table order
+for _, _, _config in triton_gemm.GEMM_CONFIGS:
+    if _config not in TILE_VARIANTS:
+        TILE_VARIANTS.append(_config)
+TILE_IDS = [f"tile{c['BLOCK_M']}x{c['BLOCK_N']}s{c['num_stages']}" for c in TILE_VARIANTS]
 
 
 @dataclasses.dataclass
@@ -161,8 +164,9 @@ def test_super_groups(device, super_group_size):
 
 def test_scale_block_smaller_than_tile(device):
     """Nout 192 over BLOCK_N 128 (ragged N tile) with 64-column weight scale blocks and
-    32-row activation scale blocks inside a 64-row tile: per-row and per-column Q/F; tiles
-    visited in groups of 2 M-tiles."""
+    32-row activation scale blocks inside a 64-row tile: per-row and per-column Q/F from a
+    few scale blocks per tile (the ragged tile's second block is clamped to the last one);
+    tiles visited in groups of 2 M-tiles."""
     config = dict(TILE_VARIANTS[1], BLOCK_N=128, GROUP_M=2)
     problem = make_problem(RAGGED, 256, 192, act_block_m=32, block_n=64, block_k=64,
                            super_group_size=2, q_min=1, seed=20, device=device)
@@ -191,11 +195,17 @@ def test_no_rows(device):
 
 
 def test_config_table():
-    """Tile choice by P / E: 16 rows for decode-like batches, then the reference's 64/128."""
-    assert triton_gemm.select_config(8 * 16, 8)["BLOCK_M"] == 16
-    assert triton_gemm.select_config(8 * 70, 8)["BLOCK_M"] == 64
-    assert triton_gemm.select_config(8 * 71, 8)["BLOCK_M"] == 128
-    assert triton_gemm.select_config(65536, 256)["BLOCK_M"] == 128
+    """Tile choice by P / E and K-blocks: 16 rows for decode-like batches, else 64 x 128
+    with 3 pipeline stages, 4 at <= 70 rows per expert when K is long."""
+    select = triton_gemm.select_config
+    assert select(8 * 16, 8, 16)["BLOCK_M"] == 16
+    assert select(8 * 16, 8, 16)["SWAP_AB"]
+    assert (select(8 * 70, 8, 16)["BLOCK_M"], select(8 * 70, 8, 16)["num_stages"]) == (64, 4)
+    assert select(8 * 70, 8, 4)["num_stages"] == 3
+    assert select(8 * 71, 8, 16)["num_stages"] == 3
+    default = select(65536, 256, 2048 // 128)
+    assert (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"]) == (64, 128, 4)
+    assert not select(65536, 256, 512 // 128)["SWAP_AB"]
 
 
 # --- the oracle itself ---------------------------------------------------------------
@@ -264,39 +274,82 @@ def test_wrap_detector_adversarial(super_group_size, wraps):
 
 # Under TRITON_INTERPRET=1 every @triton.jit function, triton.language's own included, is an
 # interpreter object that cannot be compiled, so the sm_90 compiles run in one child process
-# with the interpreter off, and report what the PTX holds.
+# with the interpreter off, and report what the PTX and the cubin hold. Arguments are
+# specialized as a launch at the default workload specializes them (ints equal to 1 become
+# constants, pointers and multiples of 16 carry divisibility 16): without that the loads
+# would not vectorize and register use would not be the real one.
 COMPILE_SCRIPT = r"""
-import json, re, sys
-from aot import compile_for_hopper
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.compiler import ASTSource
+from aot import HOPPER
 from triton_moe import gemm as triton_gemm
-from triton_moe.config import resolve_act_block_m
 
-signature = {name: "i32" for name in triton_gemm.grouped_gemm_kernel.arg_names}
-signature.update({"a_ptr": "*i8", "b_ptr": "*i8", "a_qscale_ptr": "*i32", "b_qscale_ptr": "*i32",
-                  "expert_offsets_ptr": "*i32", "scale_row_offsets_ptr": "*i32",
-                  "a_fscale_ptr": "*fp32", "b_fscale_ptr": "*fp32", "bias_ptr": "*fp32"})
+kernel = triton_gemm.grouped_gemm_kernel
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+num_rows, num_experts, k_in, n_out = 65536, 256, 2048, 1024
+k_blocks, groups = k_in // 128, k_in // 128 // 4
 results = {}
 for case in json.loads(sys.argv[1]):
     config = dict(case["config"])
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
-    per_token = case["act_block_m"] == 1
-    constexprs = dict(SCALE_BLOCK_M=case["act_block_m"], SCALE_BLOCK_N=64, SUPER_GROUP=4,
-                      BLOCK_K=128, NUM_K_BLOCKS=16, EXPERTS_PAD=256, HAS_BIAS=per_token, **config)
+    act_block_m = case["act_block_m"]
+    per_token = act_block_m == 1
+    values = dict(
+        num_experts=num_experts, n_out=n_out,
+        num_m_tiles=triton_gemm.num_m_tiles_bound(num_rows, num_experts, config["BLOCK_M"]),
+        stride_aqm=k_blocks, stride_aqk=1, stride_afm=groups, stride_afg=1,
+        stride_bqe=n_out // 64 * k_blocks, stride_bqn=k_blocks, stride_bqk=1,
+        stride_bfe=n_out // 64 * groups, stride_bfn=groups, stride_bfg=1,
+        stride_biase=n_out if per_token else 0, stride_biasn=1 if per_token else 0,
+        stride_om=n_out, stride_on=1)
+    pointers = dict(a_desc=f"tensordesc<i8[{config['BLOCK_M']}, 128]>",
+                    b_desc=f"tensordesc<i8[{config['BLOCK_N']}, 128]>",
+                    a_qscale_ptr="*i32", b_qscale_ptr="*i32", expert_offsets_ptr="*i32",
+                    scale_row_offsets_ptr="*i32", a_fscale_ptr="*fp32", b_fscale_ptr="*fp32",
+                    bias_ptr="*fp32", out_ptr="*fp32" if per_token else "*bf16")
+    constexprs = dict(SCALE_BLOCK_M=act_block_m, SCALE_BLOCK_N=64, SUPER_GROUP=4, BLOCK_K=128,
+                      NUM_K_BLOCKS=k_blocks, EXPERTS_PAD=num_experts, HAS_BIAS=per_token,
+                      NUM_STAGES=num_stages, **config)
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            if pointers[name].startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif values[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     try:
-        ptx = compile_for_hopper(triton_gemm.grouped_gemm_kernel,
-                                 dict(signature, out_ptr="*fp32" if per_token else "*bf16"),
-                                 constexprs, num_warps=num_warps, num_stages=num_stages).asm["ptx"]
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER,
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        ptx = compiled.asm["ptx"]
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True,
+                                   text=True, check=True).stdout
+        registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
         results[case["id"]] = dict(wgmma=sorted(set(re.findall(r"wgmma\.mma_async\S*", ptx))),
-                                   mma_sync="mma.sync" in ptx)
+                                   mma_sync="mma.sync" in ptx,
+                                   tma="cp.async.bulk.tensor" in ptx,
+                                   registers=registers, stack=stack)
     except Exception as exc:
         results[case["id"]] = dict(error=f"{type(exc).__name__}: {exc}")
 print(json.dumps(results))
 """
-# Every tile variant; per-token scales (vector Q/F, bias, fp32 out) on the smallest and the
-# largest tile, per-tile scales (scalar Q/F) on the reference design's two tiles.
+# Every tile variant at the activation scale block "auto" picks for its batch size; per-token
+# scales (vector Q/F, bias, fp32 out) on the smallest and the default tile; 32-row scale
+# blocks inside the 64-row tile (the few-blocks vector of ``_tile_scales``).
 COMPILE_CASES = [dict(id=f"{TILE_IDS[variant]}-abm{act_block_m}", config=TILE_VARIANTS[variant],
                       act_block_m=act_block_m)
-                 for variant, act_block_m in ((0, 1), (1, 64), (2, 128), (2, 1))]
+                 for variant, act_block_m in ((0, 1), (0, 64), (2, 64), (1, 128), (1, 1),
+                                              (1, 32))]
 
 
 @pytest.fixture(scope="module")
@@ -313,12 +366,16 @@ def hopper_ptx_summary():
 @pytest.mark.parametrize("case_id", [case["id"] for case in COMPILE_CASES])
 def test_compiles_to_int8_wgmma_on_sm90(hopper_ptx_summary, case_id):
     """Each tile variant, with per-tile and per-token (1) activation scales, must issue
-    signed int8 wgmma on Hopper, the point of the hybrid scheme (SPEC 5); the 16-row tile
-    gets there by swapping operands (a 16-row M would fall back to mma.sync)."""
+    signed int8 wgmma on Hopper, the point of the hybrid scheme (SPEC 5), fed by TMA; the
+    16-row tile gets there by swapping operands (a 16-row M would fall back to mma.sync).
+    No register spills (stack frame 0): a spilling variant ran 3x slower on an H200
+    (bench/results/gemm_tuning.md)."""
     summary = hopper_ptx_summary[case_id]
     assert "error" not in summary, summary.get("error")
     assert any(re.search(r"\.s32\.s8\.s8", instr) for instr in summary["wgmma"]), summary
     assert not summary["mma_sync"], summary
+    assert summary["tma"], summary
+    assert summary["stack"] == 0, summary
 
 
 # --- real sizes, GPU only ---------------------------------------------------------------

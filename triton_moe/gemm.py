@@ -3,36 +3,49 @@
     out[r, n] = sum_g (F_A[ra(r), g] * F_B[e, rb(n), g]) * float32(S_g) (+ bias[e, n])
     S_g       = sum_{b in g} Q_A[ra(r), b] * Q_B[e, rb(n), b] * dot_int8(A[r, b], B[e, n, b])
 
-Oracle: ``reference/gemm.py``. Test: ``tests/test_gemm.py``.
+Oracle: ``reference/gemm.py``. Test: ``tests/test_gemm.py``. Tuning notes and measurements:
+``bench/results/gemm_tuning.md``.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_moe.jit_utils import to_output_dtype
 
-# Tile variants as data, keyed by the average number of rows per expert P / E (host ints,
-# so the choice needs no host sync); the first entry whose bound is >= P / E is used.
-# 128x64 and 64x64 (switch at 70 rows) are the reference design's tiles (SPEC 8). The
-# 16-row tile serves decode-like batches, where a 64-row tile would be mostly padding; it
-# swaps the operands (out^T = B A^T) because a Hopper wgmma needs 64 rows in its M operand:
-# Nout fills those and the 16 token rows become the wgmma N. BLOCK_K is always the
-# quantization block_k, so every K step is exactly one Q-weighted K-block.
+INF = float("inf")
+
+# Tile variants as data: (max average rows per expert P / E, max K-blocks Kin / block_k,
+# config); the first entry with P / E and the K-block count within both bounds is used
+# (host ints, so the choice needs no host sync). BLOCK_K is always the quantization block_k,
+# so every K step is one Q-weighted K-block. Measured on an H200 (bench/results/gemm_tuning.md):
+# - 16 rows, operands swapped (out^T = B A^T): decode-like batches, where a 64-row tile
+#   would be mostly padding; a Hopper wgmma needs 64 rows in its M operand, so the weight
+#   columns fill it and the token rows become the wgmma N. Bound by streaming the weights.
+# - 64 x 128, one warpgroup (m64n128 wgmma), 233 registers: two CTAs per SM, so one CTA's
+#   int32 weighting and epilogue overlap the other's wgmma. Beat 128 x 64 (two m64n64
+#   instructions per K step), 128 x 128 with two warpgroups (one CTA per SM, warpgroups in
+#   lockstep), 256 x 64 and persistent variants at the default workload. 128 columns span
+#   two 64-column weight scale blocks, handled without a per-column gather (``_tile_scales``).
+# - 3 stages when K is short (GEMM2, Kin 512): 3 x 72 KB of shared memory keeps three
+#   CTAs per SM (the kernel then needs ~160 registers); 4 stages (96 KB) would allow two.
+#   4 stages helped at 64 rows per expert with Kin 2048.
 GEMM_CONFIGS = (
-    (16, dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4)),
-    (70, dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=3)),
-    (float("inf"),
-     dict(BLOCK_M=128, BLOCK_N=64, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=3)),
+    (16, INF, dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4)),
+    (70, 4, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=3)),
+    (70, INF, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=4)),
+    (INF, INF, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=False, num_warps=4, num_stages=3)),
 )
 
 
-def select_config(num_rows: int, num_experts: int) -> dict:
-    """Tile config for P = ``num_rows`` permuted rows over ``num_experts`` experts."""
+def select_config(num_rows: int, num_experts: int, num_k_blocks: int) -> dict:
+    """Tile config for P = ``num_rows`` permuted rows over ``num_experts`` experts and a
+    reduction of ``num_k_blocks`` quantization K-blocks."""
     avg_rows = num_rows / max(num_experts, 1)
-    for max_avg_rows, config in GEMM_CONFIGS:
-        if avg_rows <= max_avg_rows:
+    for max_avg_rows, max_k_blocks, config in GEMM_CONFIGS:
+        if avg_rows <= max_avg_rows and num_k_blocks <= max_k_blocks:
             return dict(config)
     raise AssertionError("GEMM_CONFIGS must end with an unbounded entry")
 
@@ -63,20 +76,47 @@ def _along_n(values, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
+def _tile_scales(ptr, stride, first_block, last_block, gather_blocks,
+                 LENGTH: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """The scales (Q or F) of the LENGTH rows (or columns) of one tile, from ``ptr`` (the
+    scale column of this K-block or super group), ``stride`` apart per scale block.
+
+    The tile starts at a scale block boundary (``first_block``); ``last_block`` is the last
+    scale block the tile may touch. Three cases, chosen at compile time:
+    - one scale block covers the tile: a scalar (the cheap case of SPEC 5);
+    - the tile spans a few whole blocks: that many scalar loads, spread over a [LENGTH]
+      vector with ``where`` on a constant block index. Which block an accumulator register
+      belongs to is then known at compile time, so this costs no more than the scalar case
+      (a gathered vector costs one load per register);
+    - otherwise (e.g. per-token scales): a gather by ``gather_blocks`` [LENGTH].
+    """
+    if SCALE_BLOCK % LENGTH == 0:
+        values = tl.load(ptr + first_block * stride)
+    elif (LENGTH % SCALE_BLOCK == 0) and (LENGTH // SCALE_BLOCK <= 4):
+        block_of = tl.arange(0, LENGTH) // SCALE_BLOCK
+        values = tl.load(ptr + first_block * stride)
+        for j in tl.static_range(1, LENGTH // SCALE_BLOCK):
+            block_j = tl.minimum(first_block + j, last_block)
+            values = tl.where(block_of == j, tl.load(ptr + block_j * stride), values)
+    else:
+        values = tl.load(ptr + gather_blocks * stride)
+    return values
+
+
+@triton.jit
 def grouped_gemm_kernel(
-    a_ptr, a_qscale_ptr, a_fscale_ptr,
-    b_ptr, b_qscale_ptr, b_fscale_ptr,
+    a_desc, a_qscale_ptr, a_fscale_ptr,
+    b_desc, b_qscale_ptr, b_fscale_ptr,
     expert_offsets_ptr, scale_row_offsets_ptr, bias_ptr, out_ptr,
     num_experts, n_out, num_m_tiles,
-    stride_am, stride_ak, stride_aqm, stride_aqk, stride_afm, stride_afg,
-    stride_be, stride_bn, stride_bk,
+    stride_aqm, stride_aqk, stride_afm, stride_afg,
     stride_bqe, stride_bqn, stride_bqk,
     stride_bfe, stride_bfn, stride_bfg,
     stride_biase, stride_biasn, stride_om, stride_on,
     SCALE_BLOCK_M: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, SUPER_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_K_BLOCKS: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
-    EXPERTS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EXPERTS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile of one expert.
 
@@ -84,33 +124,44 @@ def grouped_gemm_kernel(
     known from shapes alone) times cdiv(Nout, BLOCK_N) N-tiles, ordered as in Triton's
     matmul tutorial, in groups of GROUP_M M-tiles. With GROUP_M = 1 consecutive programs
     share one A tile and sweep the expert's weights, which then stay in L2 for the expert's
-    next M-tiles (an expert's B is 1-2 MB at the default shapes; A is read once).
+    next M-tiles (an expert's B is 1-2 MB at the default shapes; A is read once from DRAM).
     Expert e owns ceil(count_e / BLOCK_M) consecutive M-tile slots, starting at its segment
     start, so a tile never straddles two experts and lines up with activation scale blocks
     (which also count from the segment start, SPEC 4.1). Each program recomputes that
     prefix sum over an E-wide vector of ``expert_offsets`` and finds its slot; slots past
     the last tile return at once, and empty experts own no slot.
 
+    Loads. A and B tiles come by TMA (``a_desc`` over A [P, Kin], ``b_desc`` over all experts'
+    weights as one [E * Nout, Kin] matrix), software-pipelined NUM_STAGES deep together with
+    the per-K-block scale loads. Rows past the expert's segment (or past P, zero-filled by
+    TMA) and columns past Nout only feed output elements that the store masks off.
+
     Main loop: one K step per quantization K-block b (BLOCK_K == block_k; the K-block count
-    is a constexpr: K is fixed per layer). The int8 x int8 dot gives an exact int32 tile
+    is a constexpr: K is fixed per layer). The int8 x int8 wgmma gives an exact int32 tile
     (|dot| <= BLOCK_K * 127^2), weighted in int32 by Q_A[ra(r), b] * Q_B[e, rb(n), b] and
-    added to the super group's int32 accumulator. The weight is a per-row x per-column
-    outer product in general (per-token scales, BLOCK_M > act_block_m, BLOCK_N > block_n);
-    when the tile sits inside one scale block (act_block_m % BLOCK_M == 0 and
-    block_n % BLOCK_N == 0) it is one scalar, the cheap case SPEC 5 describes. At the last
-    K-block of each super group (and of K) the int32 sum is flushed once:
-    acc = acc + (F_A * F_B) * float32(S_g), in design.md's order. The K loop stays flat
-    (the flush is a branch inside it) so the compiler can software-pipeline the loads. The
-    int32 sum is exact only while G * q_max^2 * block_k * 127^2 < 2^31 (SPEC 5); the API
-    enforces that bound unless the caller opts out.
+    added to the super group's int32 accumulator (one IMAD per element). The weight is one
+    scalar when the tile sits inside one scale block, else a per-row / per-column vector
+    (``_tile_scales``). At the last K-block of each super group (and of K) the int32 sum is
+    flushed once: acc = acc + (F_A * F_B) * float32(S_g), in design.md's order. The K loop
+    stays flat (the flush is a branch inside it, its F loads outside it) so the compiler
+    can software-pipeline every load. The int32 sum is exact only while
+    G * q_max^2 * block_k * 127^2 < 2^31 (SPEC 5); the API enforces that bound unless the
+    caller opts out.
+
+    Overlap. The weighting needs the wgmma's result, so a warpgroup waits for its wgmma and
+    then weights the tile: within one CTA the tensor cores idle meanwhile. The configs
+    therefore keep two or three CTAs per SM (one warpgroup each, <= 233 registers), whose
+    wgmma and integer phases interleave. Weighting block b-1 while block b's wgmma runs (in
+    source order) did overlap them inside one warpgroup, but needs a fourth accumulator
+    (register copies on the integer pipe, fewer CTAs per SM) and measured slower
+    (gemm_tuning.md).
 
     SWAP_AB computes the transposed tile B A^T instead ([BLOCK_N, BLOCK_M] accumulator):
     a Hopper wgmma needs 64 rows in its M operand, so for small BLOCK_M the weight columns
     fill it and the token rows become the wgmma N. The arithmetic is unchanged.
 
-    Masking. Rows past the expert's segment and columns past Nout are clamped to the last
-    valid row/column for loading (no masks in the main loop) and masked on the store, so
-    rows >= R and other experts' rows are never written.
+    The store is masked to the expert's rows and to Nout, so rows >= R and other experts'
+    rows are never written.
     """
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(n_out, BLOCK_N)
@@ -137,36 +188,25 @@ def grouped_gemm_kernel(
     local_m = (tile_m - tl.sum(tl.where(owner, tiles_end - tiles, 0), axis=0)) * BLOCK_M
     scale_row_start = tl.load(scale_row_offsets_ptr + expert)
 
-    rows = row_start + local_m + tl.arange(0, BLOCK_M)
-    rows_safe = tl.minimum(rows, row_end - 1)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_safe = tl.minimum(cols, n_out - 1)
-    offs_k = tl.arange(0, BLOCK_K)
-
-    # 64-bit row offsets: P * Kin and E * Nout * Kin can exceed 2^31. Both operands are
-    # K-major tiles, as the int8 wgmma requires.
-    a_ptrs = a_ptr + rows_safe.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be
-    if SWAP_AB:
-        b_ptrs = b_ptrs + cols_safe.to(tl.int64)[:, None] * stride_bn + offs_k[None, :] * stride_bk
-    else:
-        b_ptrs = b_ptrs + cols_safe.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    first_row = row_start + local_m
+    first_col = tile_n * BLOCK_N
+    rows = first_row + tl.arange(0, BLOCK_M)
+    cols = first_col + tl.arange(0, BLOCK_N)
+    # TMA coordinates are int32 element indices (64-bit addressing is the unit's job).
+    b_first_row = expert * n_out + first_col
 
     # Scale rows: ra(r) = scale_row_offsets[e] + (r - o_e) // act_block_m, rb(n) = n // block_n.
-    A_PER_TILE: tl.constexpr = SCALE_BLOCK_M % BLOCK_M == 0
-    B_PER_TILE: tl.constexpr = SCALE_BLOCK_N % BLOCK_N == 0
-    if A_PER_TILE:
-        a_scale_rows = (scale_row_start + local_m // SCALE_BLOCK_M).to(tl.int64)
-    else:
-        a_scale_rows = (scale_row_start + (rows_safe - row_start) // SCALE_BLOCK_M).to(tl.int64)
-    if B_PER_TILE:
-        b_scale_rows = (tile_n * BLOCK_N) // SCALE_BLOCK_N
-    else:
-        b_scale_rows = cols_safe // SCALE_BLOCK_N
-    a_qscale_ptrs = a_qscale_ptr + a_scale_rows * stride_aqm
-    a_fscale_ptrs = a_fscale_ptr + a_scale_rows * stride_afm
-    b_qscale_ptrs = b_qscale_ptr + expert.to(tl.int64) * stride_bqe + b_scale_rows * stride_bqn
-    b_fscale_ptrs = b_fscale_ptr + expert.to(tl.int64) * stride_bfe + b_scale_rows * stride_bfn
+    a_first_block = scale_row_start + local_m // SCALE_BLOCK_M
+    a_last_block = scale_row_start + (row_end - 1 - row_start) // SCALE_BLOCK_M
+    a_gather_blocks = (scale_row_start
+                       + (tl.minimum(rows, row_end - 1) - row_start) // SCALE_BLOCK_M).to(tl.int64)
+    b_first_block = first_col // SCALE_BLOCK_N
+    b_last_block = (n_out - 1) // SCALE_BLOCK_N
+    b_gather_blocks = tl.minimum(cols, n_out - 1) // SCALE_BLOCK_N
+    A_VECTOR: tl.constexpr = SCALE_BLOCK_M % BLOCK_M != 0
+    B_VECTOR: tl.constexpr = SCALE_BLOCK_N % BLOCK_N != 0
+    b_qscale_ptr += expert.to(tl.int64) * stride_bqe
+    b_fscale_ptr += expert.to(tl.int64) * stride_bfe
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -174,38 +214,44 @@ def grouped_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_group = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for kb in range(0, NUM_K_BLOCKS):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
+    for kb in tl.range(0, NUM_K_BLOCKS, num_stages=NUM_STAGES):
+        a = a_desc.load([first_row, kb * BLOCK_K])
+        b = b_desc.load([b_first_row, kb * BLOCK_K])
         if SWAP_AB:
-            block_dot = tl.dot(b, tl.trans(a), out_dtype=tl.int32)
+            block_dot = tl.dot(b, a.T, out_dtype=tl.int32)
         else:
-            block_dot = tl.dot(a, b, out_dtype=tl.int32)
-        q_a = tl.load(a_qscale_ptrs + kb * stride_aqk)
-        q_b = tl.load(b_qscale_ptrs + kb * stride_bqk)
-        if not A_PER_TILE:
+            block_dot = tl.dot(a, b.T, out_dtype=tl.int32)
+        q_a = _tile_scales(a_qscale_ptr + kb * stride_aqk, stride_aqm, a_first_block,
+                           a_last_block, a_gather_blocks, BLOCK_M, SCALE_BLOCK_M)
+        q_b = _tile_scales(b_qscale_ptr + kb * stride_bqk, stride_bqn, b_first_block,
+                           b_last_block, b_gather_blocks, BLOCK_N, SCALE_BLOCK_N)
+        if A_VECTOR:
             q_a = _along_m(q_a, SWAP_AB)
-        if not B_PER_TILE:
+        if B_VECTOR:
             q_b = _along_n(q_b, SWAP_AB)
         # int32 weighting: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2 (SPEC 5).
         acc_group += block_dot * (q_a * q_b)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        # F of this K-block's super group, loaded every step (cache hits) so that the
+        # loads are pipelined with the others instead of stalling the flush.
+        group = kb // SUPER_GROUP
+        f_a = _tile_scales(a_fscale_ptr + group * stride_afg, stride_afm, a_first_block,
+                           a_last_block, a_gather_blocks, BLOCK_M, SCALE_BLOCK_M)
+        f_b = _tile_scales(b_fscale_ptr + group * stride_bfg, stride_bfn, b_first_block,
+                           b_last_block, b_gather_blocks, BLOCK_N, SCALE_BLOCK_N)
+        if A_VECTOR:
+            f_a = _along_m(f_a, SWAP_AB)
+        if B_VECTOR:
+            f_b = _along_n(f_b, SWAP_AB)
         if ((kb % SUPER_GROUP) == SUPER_GROUP - 1) | (kb == NUM_K_BLOCKS - 1):
-            group = kb // SUPER_GROUP
-            f_a = tl.load(a_fscale_ptrs + group * stride_afg)
-            f_b = tl.load(b_fscale_ptrs + group * stride_bfg)
-            if not A_PER_TILE:
-                f_a = _along_m(f_a, SWAP_AB)
-            if not B_PER_TILE:
-                f_b = _along_n(f_b, SWAP_AB)
             # design.md order: acc + (F_A * F_B) * float32(S_g).
             acc = acc + (f_a * f_b) * acc_group.to(tl.float32)
             acc_group = tl.zeros_like(acc_group)
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_biase + cols_safe * stride_biasn)
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_biase
+                       + tl.minimum(cols, n_out - 1) * stride_biasn)
         acc = acc + _along_n(bias, SWAP_AB)
+    # 64-bit row offsets: P * Nout can exceed 2^31.
     out_ptrs = (out_ptr + _along_m(rows.to(tl.int64) * stride_om, SWAP_AB)
                 + _along_n(cols * stride_on, SWAP_AB))
     out_mask = _along_m(rows < row_end, SWAP_AB) & _along_n(cols < n_out, SWAP_AB)
@@ -226,7 +272,8 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
     ``b_fscale`` fp32 [E, Nout // block_n, SG]; ``expert_offsets`` and ``scale_row_offsets``
     int32 [E + 1]; ``bias`` fp32 [E, Nout] or None. Returns ``out`` [P, Nout] of
     ``out_dtype`` (allocated if None); rows >= expert_offsets[E] are left untouched.
-    ``config`` overrides the tile choice (keys of a GEMM_CONFIGS entry); default by P / E.
+    ``config`` overrides the tile choice (keys of a GEMM_CONFIGS entry); default by P / E
+    and Kin / block_k.
     No host sync: the grid depends on P, E and Nout only.
     """
     num_rows, k_in = a_q.shape
@@ -237,6 +284,8 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
     assert expert_offsets.dtype == torch.int32 and scale_row_offsets.dtype == torch.int32
     assert a_q.is_contiguous() and b_q.is_contiguous(), "K must be contiguous for the int8 MMA"
     assert b_q.shape[2] == k_in and k_in % block_k == 0
+    # TMA: 16-byte aligned bases and row pitches.
+    assert k_in % 16 == 0 and a_q.data_ptr() % 16 == 0 and b_q.data_ptr() % 16 == 0
     if out is None:
         out = torch.empty(num_rows, n_out, dtype=out_dtype, device=a_q.device)
     assert out.shape == (num_rows, n_out) and out.dtype == out_dtype
@@ -245,26 +294,29 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
     if bias is not None:
         assert bias.dtype == torch.float32 and bias.shape == (num_experts, n_out)
 
-    config = dict(config or select_config(num_rows, num_experts))
+    config = dict(config or select_config(num_rows, num_experts, k_in // block_k))
     num_warps = config.pop("num_warps")
     num_stages = config.pop("num_stages")
-    num_m_tiles = num_m_tiles_bound(num_rows, num_experts, config["BLOCK_M"])
-    grid = (num_m_tiles * triton.cdiv(n_out, config["BLOCK_N"]),)
+    block_m, block_n_tile = config["BLOCK_M"], config["BLOCK_N"]
+    # Descriptors carry shapes and strides only (host metadata, no sync).
+    a_desc = TensorDescriptor(a_q, [num_rows, k_in], [k_in, 1], [block_m, block_k])
+    b_desc = TensorDescriptor(b_q, [num_experts * n_out, k_in], [k_in, 1], [block_n_tile, block_k])
+    num_m_tiles = num_m_tiles_bound(num_rows, num_experts, block_m)
+    grid = (num_m_tiles * triton.cdiv(n_out, block_n_tile),)
     bias_arg = bias if bias is not None else b_fscale  # never read without HAS_BIAS
     bias_strides = bias.stride() if bias is not None else (0, 0)
     grouped_gemm_kernel[grid](
-        a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale,
+        a_desc, a_qscale, a_fscale, b_desc, b_qscale, b_fscale,
         expert_offsets, scale_row_offsets, bias_arg, out,
         num_experts, n_out, num_m_tiles,
-        a_q.stride(0), a_q.stride(1), a_qscale.stride(0), a_qscale.stride(1),
-        a_fscale.stride(0), a_fscale.stride(1),
-        b_q.stride(0), b_q.stride(1), b_q.stride(2),
+        a_qscale.stride(0), a_qscale.stride(1), a_fscale.stride(0), a_fscale.stride(1),
         b_qscale.stride(0), b_qscale.stride(1), b_qscale.stride(2),
         b_fscale.stride(0), b_fscale.stride(1), b_fscale.stride(2),
         bias_strides[0], bias_strides[1], out.stride(0), out.stride(1),
         SCALE_BLOCK_M=act_block_m, SCALE_BLOCK_N=block_n, SUPER_GROUP=super_group_size,
         BLOCK_K=block_k, NUM_K_BLOCKS=k_in // block_k,
         EXPERTS_PAD=triton.next_power_of_2(num_experts),
-        HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages, **config,
+        HAS_BIAS=bias is not None, NUM_STAGES=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **config,
     )
     return out
