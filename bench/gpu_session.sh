@@ -4,7 +4,7 @@
 # variants (issue: accuracy at hybrid speed). Results go to $RES (default ./gpu_out); copy
 # them into bench/results/ with the device name and commit. Each step has its own timeout,
 # so a slow step cannot eat the others' time.
-#   RES=/tmp/res bash bench/gpu_session.sh [tests|bench|all]
+#   RES=/tmp/res bash bench/gpu_session.sh [tests|core|extra|all]   (core: default + sweep)
 set -o pipefail
 OUT=${RES:-gpu_out}
 mkdir -p "$OUT"
@@ -17,11 +17,13 @@ if [[ $what == tests || $what == all ]]; then
   timeout 230 python3 -m pytest -q -n 8 tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" \
     | grep -E "FAILED|ERROR|passed|failed" | tail -n 40
 fi
-if [[ $what == bench || $what == all ]]; then
+if [[ $what == core || $what == all ]]; then
   timeout 110 python3 -m bench --json "$OUT/default.json" 2>&1 | tee "$OUT/default.log" | tail -n 22
   timeout 150 python3 -m bench --tokens 1,16,64,256,1024,4096,8192,16384 \
     --backends triton,cutlass,bf16 --iters 30 --json "$OUT/sweep.json" --plot "$OUT/sweep.png" \
     2>&1 | tee "$OUT/sweep.log" | grep -E "^(triton|cutlass|bf16) " | tail -n 30
+fi
+if [[ $what == extra || $what == all ]]; then
   timeout 120 python3 -m bench --shape qwen3-30b-a3b,mixtral-8x7b,deepseek-v3 \
     --num-tokens 1024 --backends triton,cutlass,bf16 --iters 30 --json "$OUT/shapes.json" \
     2>&1 | tee "$OUT/shapes.log" | grep -E "^(triton|cutlass|bf16) " | tail -n 12
