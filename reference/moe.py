@@ -22,10 +22,23 @@ def moe_float(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
     Returns fp32 [M, K]; pairs whose expert is not local (expert_map == -1) add nothing.
     """
+    inter = w2.shape[2]
+
+    def expert_mlp(x, w13_e, w2_e):
+        h = x @ w13_e.float().t()
+        return (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2_e.float().t()
+
+    return _sum_over_experts(hidden_states, w13, w2, topk_weights, topk_ids, expert_map,
+                             expert_mlp)
+
+
+def _sum_over_experts(hidden_states, w13, w2, topk_weights, topk_ids, expert_map,
+                      expert_mlp) -> torch.Tensor:
+    """fp32 y[t] = sum_j w[t, j] * expert_mlp(x[t], w13[e_j], w2[e_j]), one expert at a
+    time (pairs dropped by expert_map, or with invalid ids, add nothing)."""
     x = hidden_states.float()
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
-    inter = w2.shape[2]
     local = ref_permute.local_expert_ids(topk_ids, w13.shape[0], expert_map)
     weights = topk_weights.float().reshape(-1)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
@@ -33,9 +46,7 @@ def moe_float(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     for expert in torch.unique(local[local >= 0]).tolist():
         pairs = (local == expert).nonzero().squeeze(1)
         tokens = token_of_pair[pairs]
-        h = x[tokens] @ w13[expert].float().t()
-        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        y = act @ w2[expert].float().t()
+        y = expert_mlp(x[tokens], w13[expert], w2[expert])
         out.index_add_(0, tokens, y * weights[pairs, None])
     return out
 
@@ -94,20 +105,11 @@ def moe_blockwise_float(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torc
     ``act_block_m`` rows of one expert's segment x ``block_k``); products and sums in
     fp32. Returns fp32 [M, K].
     """
-    x = hidden_states.float()
-    num_tokens, hidden = x.shape
-    top_k = topk_ids.shape[1]
-    local = ref_permute.local_expert_ids(topk_ids, w13.shape[0], expert_map)
-    weights = topk_weights.float().reshape(-1)
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
-    token_of_pair = torch.arange(num_tokens * top_k, device=x.device) // top_k
-    for expert in torch.unique(local[local >= 0]).tolist():
-        pairs = (local == expert).nonzero().squeeze(1)
-        tokens = token_of_pair[pairs]
-        a = _fake_quant_plain(x[tokens], act_block_m, block_k)
-        h = a @ _fake_quant_plain(w13[expert].float(), block_n, block_k).t()
-        act = ref_quant.silu_mul(h)
-        a2 = _fake_quant_plain(act, act_block_m, block_k)
-        y = a2 @ _fake_quant_plain(w2[expert].float(), block_n, block_k).t()
-        out.index_add_(0, tokens, y * weights[pairs, None])
-    return out
+    def expert_mlp(x, w13_e, w2_e):
+        a = _fake_quant_plain(x, act_block_m, block_k)
+        h = a @ _fake_quant_plain(w13_e.float(), block_n, block_k).t()
+        a2 = _fake_quant_plain(ref_quant.silu_mul(h), act_block_m, block_k)
+        return a2 @ _fake_quant_plain(w2_e.float(), block_n, block_k).t()
+
+    return _sum_over_experts(hidden_states, w13, w2, topk_weights, topk_ids, expert_map,
+                             expert_mlp)
