@@ -359,6 +359,85 @@ def test_kernels_round_ties_to_even(scale_rounding, device):
         assert a_qscale.tolist() == [[16, 3]]  # ceil(2.5) = 3
 
 
+def _near_tie_rows(num_rows, num_blocks, tie_rows, seed):
+    """``x [num_rows, num_blocks * BLOCK_K]`` fp32 whose every K-block has absmax
+    ``A = 190.02458`` (in row 0), so s = RN(A / 127) everywhere and F = s / 16, Q = 16:
+    both roundings quantize with s. Rows ``tie_rows`` hold the values within 3 ulps of
+    (k + 1/2) * s where x * RN(1/s) and x / s round to different integers; every other
+    one only those where x * RN(1/s) is not itself a half-integer (they need the near-tie
+    margin). The other rows are random. Returns (x, s)."""
+    absmax = torch.tensor(190.02458190917969, dtype=torch.float32)
+    s = ref.ieee_div(absmax, 127)
+    half_integers = torch.arange(-127, 127, dtype=torch.float32) + 0.5
+    bits = (half_integers * s).view(torch.int32)
+    near = torch.cat([(bits + d).view(torch.float32) for d in range(-3, 4)])
+    fast = torch.round(torch.clamp(near * (torch.ones(()) / s), -128, 127))
+    ties = near[fast != torch.round(torch.clamp(near / s, -128, 127))]
+    product = near * (torch.ones(()) / s)
+    off_half = (fast != torch.round(torch.clamp(near / s, -128, 127))) \
+        & (product != torch.floor(product) + 0.5)
+    assert len(ties) >= 16 and off_half.any()
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(num_rows, num_blocks * BLOCK_K, generator=gen) * 2 - 1) * absmax
+    x[0, ::BLOCK_K] = absmax
+    width = num_blocks * BLOCK_K - 1
+    for i, row in enumerate(tie_rows):  # every other one: the off-half ones alone
+        values = ties if i % 2 == 0 else near[off_half]
+        x[row, 1:] = values.roll(i * 7).repeat(-(-width // len(values)))[:width]
+    return x, s
+
+
+# (rows, K-blocks, rows with near ties, max_tile_values): one tile; 70 one-row tiles in
+# two K-tiles, past the 62 tiles the near-tie bitmask tells apart.
+NEAR_TIE_CASES = {"one-tile": (8, 1, [0, 3, 7], None),
+                  "many-tiles": (70, 2, [5, 61, 62, 66], BLOCK_K)}
+
+
+@pytest.mark.parametrize("scale_rounding", ref.SCALE_ROUNDINGS)
+@pytest.mark.parametrize("case", list(NEAR_TIE_CASES))
+def test_kernels_near_tie_quotients(case, scale_rounding, device, monkeypatch):
+    """Values where x * RN(1/s) and x / s round to different integers: the kernels'
+    IEEE-division rewrite of those row tiles (``triton_moe.quant``, pass 4) must catch
+    every one, in any row tile."""
+    num_rows, num_blocks, tie_rows, max_tile_values = NEAR_TIE_CASES[case]
+    if max_tile_values:
+        monkeypatch.setitem(tri.ACT_QUANT_CONFIG, "max_tile_values",
+                            {mode: max_tile_values for mode in tri.MODES})
+    x, s = _near_tie_rows(num_rows, num_blocks, tie_rows, seed=9)
+    fast = torch.round(torch.clamp(x * (torch.ones(()) / s), -128, 127))
+    exact = torch.round(torch.clamp(x / s, -128, 127))
+    differ = (fast != exact).any(dim=1).nonzero().flatten().tolist()
+    assert set(differ) == set(tie_rows)  # the data does need the rewrite, in these rows
+    segments = _segments([num_rows], num_rows, device)
+    got, want = _run_plain(x.to(device), *segments,
+                           _opts(num_rows, num_blocks, scale_rounding))
+    _assert_same(got, want, *segments)
+    assert torch.equal(want[0].float().cpu(), exact)  # and the oracle is the IEEE quotient's
+
+
+def test_silu_extreme_rows(device, monkeypatch):
+    """SiLU rows with values at the edges: gate -85 (exp(85) near the fp32 limit) with a
+    huge up holding a block's absmax, equal largest values, a block of values below
+    2**-100 (denormal products), in several row tiles of 2 rows, the last (kept) one too."""
+    monkeypatch.setitem(tri.ACT_QUANT_CONFIG, "max_tile_values",
+                        {mode: 4 * BLOCK_K for mode in tri.MODES})
+    assert tri.act_quant_config("silu", 8, 2, 2, BLOCK_K)["BLOCK_ROWS"] == 2
+    inter, rows = 2 * BLOCK_K, 8
+    h = _random((rows, 2 * inter), torch.float32, "cpu", seed=75)
+    gate, up = h[:, :inter], h[:, inter:]
+    gate[1, 3], up[1, 3] = -85.0, 5e36   # row tile 0, block 0: the absmax (a = -103)
+    gate[1, 90], up[1, 90] = -85.0, 1e37
+    gate[2, BLOCK_K + 5], up[2, BLOCK_K + 5] = 6.0, 9.0  # tile 1, block 1: equal maxima
+    gate[2, BLOCK_K + 70], up[2, BLOCK_K + 70] = 6.0, -9.0
+    gate[5, :BLOCK_K], up[5, :BLOCK_K] = 1e-20, 1e-21  # tile 2, block 0: all tiny
+    gate[7, BLOCK_K + 10], up[7, BLOCK_K + 10] = -85.0, 2e35  # the last row tile
+    h = h.to(torch.bfloat16).to(device)
+    segments = _segments([rows], rows, device)
+    for rounding in ref.SCALE_ROUNDINGS:
+        got, want = _run_silu(h, *segments, _opts(rows, 2, rounding))
+        _assert_same(got, want, *segments)
+
+
 def test_no_pairs_per_token_launches_nothing(device, monkeypatch):
     monkeypatch.setattr(tri, "_quantize_act_kernel", None)  # a launch would raise
     segments = _segments([0, 0], 1, device)
@@ -423,6 +502,9 @@ AOT_CASES = {
     "gather-consistent-m64-G4": ("gather", "*bf16", "consistent", 64, 16, 4, {}),
     "silu-nearest-m1-G4": ("silu", "*bf16", "nearest", 1, 4, 4, {}),
     "silu-consistent-m1-G256": ("silu", "*fp16", "consistent", 1, 4, 256, {}),
+    "silu-nearest-m128-G4": ("silu", "*bf16", "nearest", 128, 4, 4, {}),
+    "silu-multi-tile": ("silu", "*bf16", "consistent", 64, 8, 256,
+                        {"TILE_BLOCKS": 4, "BLOCK_ROWS": 2}),
 }
 
 
@@ -449,7 +531,7 @@ def _aot_main():
         ptx = _compile_case(*case).asm["ptx"]
         facts[name] = {"sm_90": ".target sm_90" in ptx, "div_rn": "div.rn.f32" in ptx,
                        "approx_div": "div.full.f32" in ptx or "div.approx.f32" in ptx,
-                       "fp32_exp": "ex2.approx" in ptx}
+                       "fp32_exp": "ex2.approx" in ptx, "fp64": "fma.rn.f64" in ptx}
     return facts
 
 
@@ -463,8 +545,10 @@ def aot_facts():
 def test_kernel_compiles_for_sm90(case, aot_facts):
     facts = aot_facts[case]
     assert facts["sm_90"]
-    assert facts["div_rn"] and not facts["approx_div"]  # IEEE division only (SPEC 4)
+    # IEEE division only: the scales and the near-tie rewrite use div_rn (SPEC 4)
+    assert facts["div_rn"] and not facts["approx_div"]
     assert not facts["fp32_exp"]  # SiLU's exp is the fp64 one the oracle uses
+    assert facts["fp64"] == case.startswith("silu")
 
 
 # ----------------------------------------------------------------------------- real sizes

@@ -32,10 +32,14 @@ from reference.permute import Permutation
 INVALID_PAIR = tl.constexpr(_INVALID_PAIR)
 
 # Configs as data. BLOCK_P: pairs per program of kernels 1 and 3; the in-block rank is a
-# BLOCK_P x BLOCK_P comparison, so BLOCK_P stays small. The scan (kernel 2) holds a tile
-# of SCAN_TILE counts, experts x blocks: up to MAX_SCAN_BLOCK blocks per step (P = 16384 * 8
-# pairs is 1024 blocks: one step) and as many experts as fill the rest of the tile.
-PERMUTE_CONFIG = {"BLOCK_P": 128, "num_warps": 4}
+# BLOCK_P x BLOCK_P comparison, so BLOCK_P stays small. 64 pairs on 2 warps measured
+# best (H200, P = 65536, E = 256, CUDA graph: 13.1 us for the three kernels against
+# 15.4 us at 128 pairs / 4 warps, 17.3 us at 256 / 4; bench/results/
+# memory_stages_tuning.md): the scatter's rank matrix shrinks 4x, and twice the programs
+# keep more SMs busy. The scan (kernel 2) holds a tile of SCAN_TILE counts, experts x
+# blocks: up to MAX_SCAN_BLOCK blocks per step (P = 8192 * 8 pairs is 1024 blocks: one
+# step) and as many experts as fill the rest of the tile.
+PERMUTE_CONFIG = {"BLOCK_P": 64, "num_warps": 2}
 SCAN_CONFIG = {"SCAN_TILE": 4096, "MAX_SCAN_BLOCK": 1024, "num_warps": 4}
 
 

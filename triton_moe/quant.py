@@ -25,46 +25,113 @@ _INT32_MAX = tl.constexpr(2**31 - 1)
 MODES = ("plain", "gather", "silu")
 
 # Configs as data, chosen from shapes by ``act_quant_config``. A program holds one
-# [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K] tile of fp32 values at a time: a whole super group
-# of K-blocks when it fits, then as many rows as fit. ``max_tile_values`` caps the tile
-# (16K values = 64 registers a thread at 8 warps); the SiLU mode loads gate and up and
-# inlines an fp64 exp per value, so its cap is a quarter (register pressure, code size).
-# ``num_warps`` grows with the tile: (largest tile, warps), first match wins.
+# [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K] tile of values at a time (plus the kept tile, see the
+# kernel): a whole super group of K-blocks when it fits, then as many rows as fit in
+# ``max_tile_values``. ``values_per_thread`` sets the warps (tile / 32 / values per
+# thread): the SiLU mode inlines an fp64 exp per value, so it takes fewer per thread.
+# Measured on an H200 at the 35B-A3B shape (bench/results/memory_stages_tuning.md):
+# gather 4 rows x 512 columns on 4 warps (~54 registers) 230 us, 8 rows on 8 warps
+# 235 us, 16 rows on 8 warps 256 us; SiLU 4 rows on 8 warps (64 registers) 217 us,
+# 8 rows on 8 warps 228 us, 4 rows on 4 warps 321 us (168 registers, spills). Small
+# batches have few rows per scale block: ``BLOCK_ROWS`` then follows the expected rows
+# per expert (from P and E, no device value), so programs do not compute on masked rows.
 ACT_QUANT_CONFIG = {
-    "max_tile_values": {"plain": 16384, "gather": 16384, "silu": 4096},
-    "num_warps": ((2048, 2), (8192, 4), (1 << 62, 8)),
+    "max_tile_values": {"plain": 2048, "gather": 2048, "silu": 2048},
+    "values_per_thread": {"plain": 16, "gather": 16, "silu": 8},
 }
 
 
 # Round half to even for |v| < 2**22 as (v + RINT_MAGIC) - RINT_MAGIC (SPEC 4.3): adding
 # 1.5 * 2**23 leaves no fraction bits, so the fp32 add itself rounds; exact in the
-# interpreter and compiled (libdevice rint is not available in the interpreter).
-_RINT_MAGIC = tl.constexpr(12582912.0)
+# interpreter and compiled (libdevice rint is not available in the interpreter). For
+# |v| <= 2**22 the sum's bits are 0x4B400000 + rint(v): the integer without a float -> int
+# conversion (a quarter-rate instruction on Hopper).
+_RINT_MAGIC = tl.constexpr(12582912.0)  # bits 0x4B400000
+# Near-tie margin of the reciprocal quantization, 4u|t| with u = 2**-24 (_quantize_fast).
+_TIE_MARGIN = tl.constexpr(2.0**-22)
+# Row tiles of a program that the near-tie bitmask tells apart (bit 62 stands for all
+# later ones; 62 keeps the int64 mask positive, so it shifts down to 0).
+_LAST_TIE_BIT = tl.constexpr(62)
 
 
 @triton.jit
-def _load_values(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask,
-                 stride_src_m, num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr):
-    """fp32 values ``[BLOCK_ROWS, TILE_BLOCKS, BLOCK_K]`` of the matrix being quantized,
-    zero where masked. ``rows`` (int64) are permuted rows, ``cols`` (int64,
-    ``[TILE_BLOCKS, BLOCK_K]``) output columns."""
+def _row_offsets(sorted_pair_ids_ptr, rows, row_mask, stride_src_m, MODE: tl.constexpr,
+                 TOP_K: tl.constexpr):
+    """int64 offsets of the source rows of permuted rows ``rows`` (int64)."""
     if MODE == "gather":
         pair = tl.load(sorted_pair_ids_ptr + rows, mask=row_mask, other=0)
         src_rows = pair.to(tl.int64) // TOP_K
     else:
         src_rows = rows
-    ptrs = src_ptr + src_rows[:, None, None] * stride_src_m + cols[None, :, :]
+    return src_rows * stride_src_m
+
+
+@triton.jit
+def _load_values(src_ptr, sorted_pair_ids_ptr, rows, row_end, cols, col_mask, stride_src_m,
+                 num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr):
+    """Values ``[BLOCK_ROWS, TILE_BLOCKS, BLOCK_K]`` of the matrix being quantized at
+    permuted rows ``rows`` (int64, those ``>= row_end`` masked) and output columns ``cols``
+    (int32 ``[TILE_BLOCKS, BLOCK_K]``), zero where masked: the source dtype for
+    "plain"/"gather" (converted where used, so a kept tile costs 16-bit registers), fp32
+    ``silu(gate) * up`` for "silu"."""
+    row_mask = rows < row_end
+    row_offs = _row_offsets(sorted_pair_ids_ptr, rows, row_mask, stride_src_m, MODE, TOP_K)
+    ptrs = src_ptr + row_offs[:, None, None] + cols[None, :, :]
     mask = row_mask[:, None, None] & col_mask[None, :, :]
     if MODE == "silu":
         gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(ptrs + num_cols, mask=mask, other=0.0).to(tl.float32)
-        # exp in fp64, rounded to fp32: the oracle's definition (reference.quant.silu_mul),
-        # the same bits on every backend; fp32 exp implementations differ in the last bit.
-        exp_neg_gate = tl.exp(-gate.to(tl.float64)).to(tl.float32)
-        values = tl.math.div_rn(gate, 1.0 + exp_neg_gate) * up
+        values = _silu_mul(gate, up)
     else:
-        values = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        values = tl.load(ptrs, mask=mask, other=0.0)
     return values
+
+
+@triton.jit
+def _silu_mul(gate, up):
+    """``gate / (1 + exp(-gate)) * up`` in fp32, the oracle's bits
+    (``reference.quant.silu_mul``): exp in fp64 rounded to fp32 (fp32 exp
+    implementations differ in the last bit), one IEEE fp32 operation for each other step."""
+    exp_neg_gate = tl.exp(-gate.to(tl.float64)).to(tl.float32)
+    return tl.math.div_rn(gate, 1.0 + exp_neg_gate) * up
+
+
+@triton.jit
+def _quantize_fast(values, inv_scale):
+    """``(int8 rint(clamp(t, -128, 127)), tie_score)`` for ``t = RN(values * inv_scale)``,
+    ``inv_scale = RN(1 / scale)``: the int8 values of SPEC 4.3 without a division per
+    value, and per (tile row, K-block) a score ``>= 1/2`` (or NaN) where they may differ
+    from the oracle's ``rint(clamp(RN(values / scale), -128, 127))``.
+
+    ``t`` differs from ``RN(values / scale)`` by at most ``3u|t|(1 + 4u)`` (u = 2**-24:
+    the reciprocal, the product and the oracle's quotient each round once), so the two
+    round to the same integer unless ``t`` lies within that distance of a half-integer
+    (the clamp bounds are integers: no boundary there). The score is the max over the
+    block's values of ``|t - rint(t)| + 4u|t|``: the product is exact (a power of two)
+    and the add rounds monotonically, so no value within ``4u|t|`` of a half-integer
+    scores below 1/2. Random fp32 values (SiLU outputs) score 1/2 about once in 1e5;
+    bf16 inputs more often: a value with the mantissa of its block's absmax A, at A / 2,
+    lands within ulps of 63.5 wherever the scale is s = RN(A / 127). The integer is the low
+    byte of ``t + RINT_MAGIC``'s bits (0x4B400000 ends in a zero byte): no
+    float -> int conversion. Interpreter and compiled code agree (the one product that
+    meets an add, and so may be fused, is exact).
+    """
+    t = tl.minimum(tl.maximum(values * inv_scale, -128.0), 127.0)
+    biased = t + _RINT_MAGIC
+    tie_score = tl.max(tl.abs(t - (biased - _RINT_MAGIC)) + tl.abs(t) * _TIE_MARGIN, axis=2)
+    return biased.to(tl.int32, bitcast=True).to(tl.int8), tie_score
+
+
+@triton.jit
+def _quantize_exact(values, scale):
+    """The oracle's ``int8(rint(clamp(RN(values / scale), -128, 127)))`` (SPEC 4.3)."""
+    scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -128.0), 127.0)
+    return ((scaled + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int8)
+
+
+@triton.jit
+def _bitwise_or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -87,22 +154,39 @@ def _quantize_act_kernel(
        none: scale row r is row r). Programs past ``scale_row_offsets[E]`` (the grid is
        sized for the worst case) get no rows and store nothing.
     2. Pass 1 reads the super group in tiles of ``BLOCK_ROWS x TILE_BLOCKS x BLOCK_K``
-       values and keeps each K-block's absmax; then ``s``, ``F`` and ``Q`` follow
-       (SPEC 4.2, "nearest" or "consistent").
-    3. Pass 2 reads the same values again (from L2) and writes the int8 values, with
-       scale ``s`` ("nearest") or ``float32(Q) * F`` ("consistent").
+       values and keeps a running absmax per (tile row, K-block); the rows are reduced
+       once after the loop; then ``s``, ``F`` and ``Q`` follow (SPEC 4.2).
+    3. Pass 2 writes the int8 values, with scale ``s`` ("nearest") or ``float32(Q) * F``
+       ("consistent"), as a multiply by the block's reciprocal (``_quantize_fast``), and
+       records in a bitmask the row tiles where that may differ from the IEEE quotient.
+    4. Those tiles are read again and rewritten with the IEEE division
+       (``_quantize_exact``): the oracle's bits in every case. Rare for SiLU values;
+       frequent for bf16 inputs (see ``_quantize_fast``). The gather mode gained
+       nothing from 3-4 at the 35B-A3B shape (it is not bound by arithmetic: the old
+       kernel, with twice the instructions, ran as fast); the SiLU mode, bound by
+       arithmetic, did.
+
+    Inside the loops every reduction is over a tile's K axis, which Triton lays within a
+    warp (16 values a thread, 8 threads a block row): shuffles, no barrier, so warps run
+    independently and one warp's loads overlap another's arithmetic; the cross-warp
+    reductions (over rows, and the near-tie bitmask) happen once per pass. (A first
+    version reduced each pass-2 tile across warps: 6 barriers a tile, gather 50% slower.)
+
+    When a tile spans the whole super group (the usual case), the last row tile of pass 1
+    stays in registers and pass 2 starts with it: a scale block of one row tile (small
+    batches, per-token scales) is read once, and that tile's SiLU is evaluated once; the
+    other tiles are read again (from L2 mostly: the program just read them). A super
+    group wider than ``TILE_BLOCKS`` (e.g. Mixtral's N = 14336 with G = 256) is walked
+    in K-tiles, and per-block values move between a K-tile and the group vector through
+    a one-hot compare.
 
     Every division is IEEE (``div_rn``; its operands must have equal shapes) and rounding
-    is half to even, so the result is the oracle's bit for bit. A super group wider than
-    one tile (``TILE_BLOCKS < GROUP_PAD``) moves per-block values between the tile and
-    the group vector through a one-hot compare. Index math is int64: no row * stride
-    product can wrap, and the interpreter skips its int32 overflow checks. Interpreter
-    cost also explains ``tl.full`` over ``tl.zeros`` (a nested @jit call, slow there);
-    loops are ``while`` loops because the Triton 3.6 interpreter cannot take a runtime
-    ``range`` bound under numpy >= 2.4.
+    is half to even, so the result is the oracle's bit for bit. Row offsets are int64
+    (row * stride can pass 2**31); columns are int32. Interpreter cost explains
+    ``tl.full`` over ``tl.zeros`` (a nested @jit call, slow there).
     """
     srow = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(1)
 
     # (1) Which expert, which rows.
     if ACT_BLOCK_M == 1:
@@ -126,27 +210,37 @@ def _quantize_act_kernel(
     first_block = group * SUPER_GROUP
     group_blocks = tl.minimum(num_blocks - first_block, SUPER_GROUP)
     offs_r = tl.arange(0, BLOCK_ROWS).to(tl.int64)
-    offs_t = tl.arange(0, TILE_BLOCKS).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    offs_g = tl.arange(0, GROUP_PAD).to(tl.int64)
+    offs_t = tl.arange(0, TILE_BLOCKS)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, GROUP_PAD)
     in_group = offs_g < group_blocks
+    ONE_TILE: tl.constexpr = TILE_BLOCKS == GROUP_PAD  # the whole super group in one tile
+    if MODE == "silu":
+        VALUE_DTYPE: tl.constexpr = tl.float32
+    else:
+        VALUE_DTYPE: tl.constexpr = src_ptr.dtype.element_ty
 
     # (2) Pass 1: absmax per K-block of the super group.
     block_amax = tl.full([GROUP_PAD], 0.0, tl.float32)
+    kept = tl.full([BLOCK_ROWS, TILE_BLOCKS, BLOCK_K], 0.0, VALUE_DTYPE)
+    kept_row = row_end  # first row of the kept tile; row_end: none (nothing to store)
     tile_start = 0
     while tile_start < group_blocks:
         tile_blocks = tile_start + offs_t
         cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
         col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
-        tile_amax = tl.full([TILE_BLOCKS], 0.0, tl.float32)
+        row_amax = tl.full([BLOCK_ROWS, TILE_BLOCKS], 0.0, tl.float32)
         row = row_start
         while row < row_end:
-            rows = row + offs_r
-            values = _load_values(src_ptr, sorted_pair_ids_ptr, rows, rows < row_end, cols,
+            values = _load_values(src_ptr, sorted_pair_ids_ptr, row + offs_r, row_end, cols,
                                   col_mask, stride_src_m, num_cols, MODE, TOP_K)
-            tile_amax = tl.maximum(tile_amax, tl.max(tl.max(tl.abs(values), axis=2), axis=0))
+            row_amax = tl.maximum(row_amax, tl.max(tl.abs(values.to(tl.float32)), axis=2))
+            if ONE_TILE:
+                kept = values
+                kept_row = row
             row += BLOCK_ROWS
-        if TILE_BLOCKS == GROUP_PAD:  # the whole group in one tile: this loop ran once
+        tile_amax = tl.max(row_amax, axis=0)
+        if ONE_TILE:  # this loop ran once
             block_amax = tile_amax
         else:
             hit = offs_g[:, None] == tile_blocks[None, :]
@@ -167,48 +261,94 @@ def _quantize_act_kernel(
         qscale = tl.minimum(tl.maximum((ratio + _RINT_MAGIC) - _RINT_MAGIC, 0.0), Q_MAX)
         scale = s  # int8 values keep s; the GEMM applies Q*F (reference design)
     scale = tl.where(in_group, scale, 1.0)
+    inv_scale = tl.math.div_rn(tl.full([GROUP_PAD], 1.0, tl.float32), scale)
     tl.store(a_qscale_ptr + srow * stride_qsm + first_block + offs_g, qscale.to(tl.int32),
              mask=in_group & used)
     tl.store(a_fscale_ptr + srow * stride_fsm + group, fscale, mask=used)
 
-    # (3) Pass 2: int8 values, q = rint(clamp(x / scale, -128, 127)) (SPEC 4.3).
+    # (3) Pass 2: int8 values by the reciprocal; tie_bits[r, b] bit i: row r of row tile
+    # i (of the scale block) has a near tie in K-block b of the tile.
+    tie_bits = tl.full([BLOCK_ROWS, TILE_BLOCKS], 0, tl.int64)
     tile_start = 0
     while tile_start < group_blocks:
         tile_blocks = tile_start + offs_t
         cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
         col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
-        if TILE_BLOCKS == GROUP_PAD:
-            tile_scale = scale
+        if ONE_TILE:
+            tile_inv = inv_scale
         else:
             hit = offs_g[:, None] == tile_blocks[None, :]
-            tile_scale = tl.max(tl.where(hit, scale[:, None], 0.0), axis=0)
-            tile_scale = tl.where(tile_blocks < group_blocks, tile_scale, 1.0)
-        tile_scale = tl.broadcast_to(tile_scale[None, :, None],
-                                     [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
+            tile_inv = tl.max(tl.where(hit, inv_scale[:, None], 0.0), axis=0)
+        tile_inv = tl.broadcast_to(tile_inv[None, :, None], [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
+        if ONE_TILE:  # the kept tile first (no load), then the tiles before it
+            rows = kept_row + offs_r
+            a_q, tie_score = _quantize_fast(kept.to(tl.float32), tile_inv)
+            tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :], a_q,
+                     mask=(rows < row_end)[:, None, None] & col_mask[None, :, :])
+            bit = tl.minimum((kept_row - row_start) // BLOCK_ROWS, _LAST_TIE_BIT)
+            tie_bits |= (~(tie_score < 0.5)).to(tl.int64) << bit
+            last_row = kept_row
+        else:
+            last_row = row_end
         row = row_start
-        while row < row_end:
+        while row < last_row:
             rows = row + offs_r
-            row_mask = rows < row_end
-            values = _load_values(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols,
+            values = _load_values(src_ptr, sorted_pair_ids_ptr, rows, row_end, cols,
                                   col_mask, stride_src_m, num_cols, MODE, TOP_K)
-            scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, tile_scale), -128.0), 127.0)
-            a_q = ((scaled + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int8)
-            a_q_ptrs = a_q_ptr + rows[:, None, None] * stride_aqm + cols[None, :, :]
-            tl.store(a_q_ptrs, a_q, mask=row_mask[:, None, None] & col_mask[None, :, :])
+            a_q, tie_score = _quantize_fast(values.to(tl.float32), tile_inv)
+            tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :], a_q,
+                     mask=(rows < row_end)[:, None, None] & col_mask[None, :, :])
+            bit = tl.minimum((row - row_start) // BLOCK_ROWS, _LAST_TIE_BIT)
+            tie_bits |= (~(tie_score < 0.5)).to(tl.int64) << bit
             row += BLOCK_ROWS
         tile_start += TILE_BLOCKS
 
+    # (4) Rewrite the row tiles with a near tie through the IEEE division.
+    ties = tl.reduce(tl.reduce(tie_bits, 1, _bitwise_or), 0, _bitwise_or)
+    first = row_start
+    while ties != 0:
+        if (ties & 1) != 0:
+            last = tl.where(ties == 1, row_end, tl.minimum(first + BLOCK_ROWS, row_end))
+            tile_start = 0
+            while tile_start < group_blocks:
+                tile_blocks = tile_start + offs_t
+                cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
+                col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
+                hit = offs_g[:, None] == tile_blocks[None, :]
+                tile_scale = tl.max(tl.where(hit, scale[:, None], 0.0), axis=0)
+                tile_scale = tl.where(tile_blocks < group_blocks, tile_scale, 1.0)
+                tile_scale = tl.broadcast_to(tile_scale[None, :, None],
+                                             [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
+                row = first
+                while row < last:
+                    rows = row + offs_r
+                    values = _load_values(src_ptr, sorted_pair_ids_ptr, rows, last, cols,
+                                          col_mask, stride_src_m, num_cols, MODE, TOP_K)
+                    tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :],
+                             _quantize_exact(values.to(tl.float32), tile_scale),
+                             mask=(rows < last)[:, None, None] & col_mask[None, :, :])
+                    row += BLOCK_ROWS
+                tile_start += TILE_BLOCKS
+        ties = ties >> 1
+        first += BLOCK_ROWS
+
 
 def act_quant_config(mode: str, act_block_m: int, num_blocks: int, super_group_size: int,
-                     block_k: int) -> dict:
-    """Tile shape and warps for one launch, from shapes only (no device values)."""
+                     block_k: int, expected_rows: int | None = None) -> dict:
+    """Tile shape and warps for one launch, from shapes only (no device values).
+
+    ``expected_rows``: rows a scale block is expected to hold (the launchers pass twice
+    the mean rows per expert, ``2 * ceil(P / E)``); ``None`` plans for ``act_block_m``.
+    """
     max_values = ACT_QUANT_CONFIG["max_tile_values"][mode]
     group_pad = triton.next_power_of_2(min(super_group_size, num_blocks))
     tile_blocks = min(group_pad, max(1, max_values // block_k))
-    block_rows = min(triton.next_power_of_2(act_block_m),
+    rows = act_block_m if expected_rows is None else max(1, min(act_block_m, expected_rows))
+    block_rows = min(triton.next_power_of_2(rows),
                      max(1, max_values // (tile_blocks * block_k)))
     tile_values = block_rows * tile_blocks * block_k
-    num_warps = next(w for limit, w in ACT_QUANT_CONFIG["num_warps"] if tile_values <= limit)
+    threads = tile_values // ACT_QUANT_CONFIG["values_per_thread"][mode]
+    num_warps = min(16, max(1, triton.next_power_of_2(threads) // 32))
     return dict(GROUP_PAD=group_pad, TILE_BLOCKS=tile_blocks, BLOCK_ROWS=block_rows,
                 num_warps=num_warps)
 
@@ -238,7 +378,8 @@ def _launch(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
         return a_q, a_qscale, a_fscale
     if sorted_pair_ids is None:
         sorted_pair_ids = expert_offsets  # never read outside the gather mode
-    config = act_quant_config(mode, act_block_m, num_blocks, super_group_size, block_k)
+    config = act_quant_config(mode, act_block_m, num_blocks, super_group_size, block_k,
+                              expected_rows=2 * -(-num_pairs // num_experts))
     _quantize_act_kernel[(num_srows, num_groups)](
         src, sorted_pair_ids, expert_offsets, scale_row_offsets,
         a_q, a_qscale, a_fscale,

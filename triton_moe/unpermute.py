@@ -22,7 +22,9 @@ INVALID_PAIR = tl.constexpr(_INVALID_PAIR)
 
 # Configs as data: columns per program. The kernel is memory-bound; 1024 bf16 columns
 # (2 KiB per row, top_k rows in flight) keep enough loads outstanding per program.
-UNPERMUTE_CONFIG = {"MAX_BLOCK_K": 1024, "num_warps": 4}
+# 8 warps (4 columns a thread) measured 3% faster than 4 at the 35B-A3B shape on an H200
+# (79.7 against 82.2 us, 89% of the device-to-device copy rate; 2048 columns: 82.5-82.8).
+UNPERMUTE_CONFIG = {"MAX_BLOCK_K": 1024, "num_warps": 8}
 
 
 @triton.jit
