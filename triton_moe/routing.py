@@ -58,6 +58,24 @@ def _select_topk(scores, values, alive, offs_e, TOP_K: tl.constexpr,
 
 
 @triton.jit
+def _load_logits_tile(logits_ptr, M, E, stride_lm, stride_le,
+                      BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_E] tile of logits in fp32, with its expert lanes,
+    64-bit row indices, row mask and the mask of real (not padded) experts."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    row_mask = offs_m < M
+    expert_mask = offs_e < E
+    rows = offs_m.to(tl.int64)  # M * stride_lm may exceed 2**31
+    # Rows past M load zeros (not -inf): their results, never stored, stay finite.
+    logits_ptrs = logits_ptr + rows[:, None] * stride_lm + offs_e[None, :] * stride_le
+    logits = tl.load(logits_ptrs, mask=row_mask[:, None] & expert_mask[None, :],
+                     other=0.0).to(tl.float32)
+    alive = tl.broadcast_to(expert_mask[None, :], (BLOCK_M, BLOCK_E))
+    return offs_e, rows, row_mask, logits, alive
+
+
+@triton.jit
 def _route_softmax_kernel(
     logits_ptr, topk_weights_ptr, topk_ids_ptr,
     M, E,
@@ -73,18 +91,8 @@ def _route_softmax_kernel(
     by exp(g - max g), divided by the row's full sum of exponentials, or by the sum over
     the chosen experts when RENORMALIZE. Divisions are IEEE (div_rn).
     """
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    row_mask = offs_m < M
-    expert_mask = offs_e < E
-    rows = offs_m.to(tl.int64)  # M * stride_lm may exceed 2**31
-
-    # Rows past M load zeros (not -inf): their results, never stored, stay finite.
-    logits_ptrs = logits_ptr + rows[:, None] * stride_lm + offs_e[None, :] * stride_le
-    logits = tl.load(logits_ptrs, mask=row_mask[:, None] & expert_mask[None, :],
-                     other=0.0).to(tl.float32)
-    alive = tl.broadcast_to(expert_mask[None, :], (BLOCK_M, BLOCK_E))
+    offs_e, rows, row_mask, logits, alive = _load_logits_tile(
+        logits_ptr, M, E, stride_lm, stride_le, BLOCK_M, BLOCK_E)
 
     row_max = tl.max(tl.where(alive, logits, float("-inf")), axis=1)
     exps = tl.where(alive, tl.exp(logits - row_max[:, None]), 0.0)
@@ -126,17 +134,8 @@ def _route_sigmoid_grouped_kernel(
     retired. The shared top-k loop then picks the experts; their weights are the unbiased
     s, divided by their sum when RENORMALIZE (IEEE div_rn), times routed_scaling_factor.
     """
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    row_mask = offs_m < M
-    expert_mask = offs_e < E
-    rows = offs_m.to(tl.int64)  # M * stride_lm may exceed 2**31
-
-    logits_ptrs = logits_ptr + rows[:, None] * stride_lm + offs_e[None, :] * stride_le
-    logits = tl.load(logits_ptrs, mask=row_mask[:, None] & expert_mask[None, :],
-                     other=0.0).to(tl.float32)
-    alive = tl.broadcast_to(expert_mask[None, :], (BLOCK_M, BLOCK_E))
+    offs_e, rows, row_mask, logits, alive = _load_logits_tile(
+        logits_ptr, M, E, stride_lm, stride_le, BLOCK_M, BLOCK_E)
 
     exp_neg_abs = tl.exp(-tl.abs(logits))
     one_plus = 1.0 + exp_neg_abs
@@ -145,7 +144,7 @@ def _route_sigmoid_grouped_kernel(
                       tl.math.div_rn(exp_neg_abs, one_plus))
     select_scores = scores
     if HAS_BIAS:
-        bias = tl.load(correction_bias_ptr + offs_e, mask=expert_mask, other=0.0)
+        bias = tl.load(correction_bias_ptr + offs_e, mask=offs_e < E, other=0.0)
         select_scores = scores + bias.to(tl.float32)[None, :]
 
     if TOPK_GROUP < NUM_GROUPS:
