@@ -441,14 +441,6 @@ def _tokens_sharing_a_scale_block(topk_ids, bad_tokens, act_block_m):
     return hit
 
 
-# Kernel issue (triton_moe/quant.py): tl.max is NaN-ignoring (max.f32 on the GPU,
-# np.nanmax in the interpreter), so a NaN drops out of its block's absmax and is quantized
-# as a finite int8 (0 in the interpreter, -128 on the GPU): the NaN token's output is
-# finite garbage instead of NaN. Inf is handled. Remove the xfail once the quantization
-# kernel flags non-finite blocks (e.g. F = NaN where any value of the group is NaN/Inf).
-_NAN_DROPPED = pytest.mark.xfail(
-    strict=True, reason="quant.py absmax ignores NaN (tl.max): NaN is quantized as finite")
-
 
 def _clean_output(weights, backend, num_tokens, device):
     key = (backend, weights.config.act_block_m, num_tokens, device)
@@ -471,8 +463,6 @@ def test_non_finite_activations_poison_only_their_scale_block(bad_value, act_blo
     the whole output of every token sharing an activation scale block with it (tile-wise
     scales: act_block_m rows of one expert's segment; per-token: itself only); every other
     token's output is bit-identical to the clean run. No crash, no hang."""
-    if bad_value == "nan" and backend == "triton":
-        request.applymarker(_NAN_DROPPED)
     weights = _weights(device, act_block_m=act_block_m)
     num_tokens = 16 if act_block_m > 1 else 6
     clean = _clean_output(weights, backend, num_tokens, device)

@@ -224,6 +224,9 @@ def _quantize_act_kernel(
     block_amax = tl.full([GROUP_PAD], 0.0, tl.float32)
     kept = tl.full([BLOCK_ROWS, TILE_BLOCKS, BLOCK_K], 0.0, VALUE_DTYPE)
     kept_row = row_end  # first row of the kept tile; row_end: none (nothing to store)
+    # tl.max ignores NaN, so NaN is tracked apart: it must poison the block's F (below),
+    # never be quantized as a finite value (README: non-finite values).
+    any_nan = 0
     tile_start = 0
     while tile_start < group_blocks:
         tile_blocks = tile_start + offs_t
@@ -234,7 +237,9 @@ def _quantize_act_kernel(
         while row < row_end:
             values = _load_values(src_ptr, sorted_pair_ids_ptr, row + offs_r, row_end, cols,
                                   col_mask, stride_src_m, num_cols, MODE, TOP_K)
-            row_amax = tl.maximum(row_amax, tl.max(tl.abs(values.to(tl.float32)), axis=2))
+            values_f32 = values.to(tl.float32)
+            row_amax = tl.maximum(row_amax, tl.max(tl.abs(values_f32), axis=2))
+            any_nan = tl.maximum(any_nan, tl.max((values_f32 != values_f32).to(tl.int32)))
             if ONE_TILE:
                 kept = values
                 kept_row = row
@@ -253,6 +258,7 @@ def _quantize_act_kernel(
                    _SCALE_EPS)
     s = tl.where(in_group, s, 0.0)  # padding blocks must not raise F
     fscale = tl.math.div_rn(tl.max(s, axis=0), Q_MAX * 1.0)
+    fscale = tl.where(any_nan > 0, float("nan"), fscale)  # as torch's amax propagates NaN
     ratio = tl.math.div_rn(s, tl.full([GROUP_PAD], fscale, tl.float32))
     if ROUNDING == "consistent":
         qscale = tl.minimum(tl.maximum(tl.ceil(ratio), 1.0), Q_MAX)
