@@ -225,12 +225,10 @@ def route(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
         from reference import routing as impl
     else:
         from triton_moe import routing as impl
-    if scoring == "softmax":
-        return impl.route_softmax(router_logits, top_k, renormalize=renormalize)
-    return impl.route_sigmoid_grouped(
-        router_logits, top_k, num_expert_group=num_expert_group, topk_group=topk_group,
-        correction_bias=correction_bias, renormalize=renormalize,
-        routed_scaling_factor=routed_scaling_factor)
+    return impl.route(router_logits, top_k, scoring=scoring, renormalize=renormalize,
+                      num_expert_group=num_expert_group, topk_group=topk_group,
+                      correction_bias=correction_bias,
+                      routed_scaling_factor=routed_scaling_factor)
 
 
 # --------------------------------------------------------------------------- forward
