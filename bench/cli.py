@@ -206,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default="consistent",
                        help="Q = ceil(s/F) with matching int8 values (consistent, default) "
                             "or rint(s/F) as the reference design (nearest)")
-    quant.add_argument("--act-block-m", type=_act_block_m, default="auto", metavar="auto|R",
-                       help="activation scale block rows: auto (128, or 64 for small "
-                            "batches), or R >= 1 (1 = per-token scales)")
+    quant.add_argument("--act-block-m", type=_act_block_m, default=1, metavar="auto|R",
+                       help="activation scale block rows: 1 = per-token scales (default), "
+                            "auto (the reference design: 128, or 64 for small batches), "
+                            "or any R >= 1")
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", nargs="?", const=os.path.join("bench", "results", "latest.json"),

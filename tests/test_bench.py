@@ -83,7 +83,7 @@ def test_options_parse():
     assert args.json == os.path.join("bench", "results", "latest.json")
     assert args.plot == "x.png" and args.profile
     args, _ = parse_args([])
-    assert args.json is None and args.act_block_m == "auto" and args.backends is None
+    assert args.json is None and args.act_block_m == 1 and args.backends is None
     args, _ = parse_args(["--backends", "all"])
     assert set(args.backends) == {"triton", "cutlass", "torch", "bf16", "vllm", "sglang"}
 

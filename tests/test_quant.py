@@ -13,9 +13,11 @@ import math
 import pytest
 import torch
 
+from reference import permute as ref_permute
 from reference import quant as ref
 from tests.aot import compile_for_hopper, run_without_interpreter
 from triton_moe import quant as tri
+from triton_moe import quant_per_token as tri_pt
 
 Q_MAX = 16
 BLOCK_K = 128
@@ -230,6 +232,7 @@ KERNEL_CASES = {
     "m64-G4": (64, 4, 256, [0, 70, 1, 64, 0]),
     "m128-G1": (128, 1, 256, [130, 0, 7]),
     "m128-G256": (128, 256, 512, [12, 140]),
+    "m1-G24-two-k-tiles": (1, 24, 3072, [3, 0, 4]),  # 24 blocks: a 16-block tile + a ragged one
 }
 DTYPE_CYCLE = ["bf16", "fp32", "fp16"]
 
@@ -299,6 +302,66 @@ def test_permute_quantize_kernel(case, scale_rounding, device):
     x_perm = hidden_states[sorted_pair_ids.long().clamp(min=0).to(device) // top_k]
     want = ref.quantize_activations(x_perm, *segments, **opts)
     _assert_same(got, want, *segments)
+
+
+# Per-token scales (quant_per_token): GEMM1's input quantizes each token once and stores
+# it at the token's top_k rows. (tokens, K, top_k, E, G, dtype, rounding, expert_map)
+SCATTER_CASES = {
+    "bf16-G4": (37, 512, 3, 5, 4, "bf16", "consistent", None),
+    "fp16-G32-two-k-tiles": (11, 4096, 2, 3, 32, "fp16", "nearest", None),
+    "fp32-G3-top1": (9, 384, 1, 2, 3, "fp32", "consistent", None),
+    "expert-map-drops-and-bad-ids": (21, 256, 4, 3, 2, "bf16", "nearest", [2, -1, 0, 1, -1]),
+}
+
+
+@pytest.mark.parametrize("case", list(SCATTER_CASES))
+def test_quantize_scatter_matches_gather(case, device):
+    num_tokens, hidden, top_k, num_experts, group, dtype, rounding, emap = SCATTER_CASES[case]
+    seed = 90 + list(SCATTER_CASES).index(case)
+    gen = torch.Generator().manual_seed(seed)
+    num_global = num_experts if emap is None else len(emap)
+    topk_ids = torch.stack([torch.randperm(num_global, generator=gen)[:top_k]
+                            for _ in range(num_tokens)]).to(torch.int32)
+    expert_map = None
+    if emap is not None:
+        expert_map = torch.tensor(emap, dtype=torch.int32)
+        topk_ids[0, 0] = num_global + 3  # out of range: the pair gets no row
+    perm = ref_permute.permute(topk_ids, num_experts, expert_map=expert_map, act_block_m=1)
+    hidden_states = _random((num_tokens, hidden), DTYPES[dtype], device, seed, outliers=True)
+    opts = _opts(1, group, rounding)
+    got = tri_pt.quantize_scatter(hidden_states, perm.pair_to_row.to(device),
+                                  perm.expert_offsets.to(device), top_k=top_k,
+                                  **{k: v for k, v in opts.items() if k != "act_block_m"})
+    x_perm = hidden_states[perm.sorted_pair_ids.long().clamp(min=0).to(device) // top_k]
+    want = ref.quantize_activations(x_perm, perm.expert_offsets, perm.scale_row_offsets,
+                                    **opts)
+    _assert_same(got, want, perm.expert_offsets, perm.scale_row_offsets)
+
+
+def test_per_token_nan_poisons_only_its_rows(device):
+    """A NaN in one token makes F NaN in that token's rows only (as torch's amax does in
+    the oracle); the other tokens' rows keep the oracle's bits."""
+    num_tokens, hidden, top_k, num_experts = 6, 512, 2, 3
+    topk_ids = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1]], dtype=torch.int32)
+    perm = ref_permute.permute(topk_ids, num_experts, act_block_m=1)
+    hidden_states = _random((num_tokens, hidden), torch.bfloat16, device, 99)
+    hidden_states[4, 300] = float("nan")  # K-block 2: super group 1 with G = 2
+    opts = _opts(1, 2, "consistent")
+    a_q, a_qscale, a_fscale = tri_pt.quantize_scatter(
+        hidden_states, perm.pair_to_row.to(device), perm.expert_offsets.to(device),
+        top_k=top_k, **{k: v for k, v in opts.items() if k != "act_block_m"})
+    x_perm = hidden_states[perm.sorted_pair_ids.long().to(device) // top_k]
+    _, _, w_fscale = ref.quantize_activations(x_perm, perm.expert_offsets,
+                                              perm.scale_row_offsets, **opts)
+    bad_rows = perm.pair_to_row.reshape(num_tokens, top_k)[4].long().tolist()
+    good = [r for r in range(num_tokens * top_k) if r not in bad_rows]
+    assert torch.isnan(a_fscale[bad_rows, 1].cpu()).all()
+    assert torch.isnan(w_fscale[bad_rows, 1]).all()
+    assert torch.equal(a_fscale[bad_rows, 0].cpu(), w_fscale[bad_rows, 0].cpu())
+    assert torch.equal(a_fscale[good].cpu(), w_fscale[good].cpu())
+    w_q, _, _ = ref.quantize_activations(x_perm, perm.expert_offsets, perm.scale_row_offsets,
+                                         **opts)
+    assert torch.equal(a_q[good].cpu(), w_q[good].cpu())
 
 
 # Segment shapes every launcher must handle: all rows on one expert (first or last), no
@@ -492,14 +555,18 @@ def test_kernels_with_small_tiles(launcher, device, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- sm_90 compile
-# mode -> (source pointer type, rounding, act_block_m, K-blocks, G, config overrides)
+# mode -> (source pointer type, rounding, act_block_m, K-blocks, G, config overrides);
+# act_block_m 1 compiles quant_per_token's kernel (the launchers' choice).
 AOT_CASES = {
     "plain-nearest-m128-G4": ("plain", "*bf16", "nearest", 128, 16, 4, {}),
     "plain-consistent-m1-G256": ("plain", "*fp32", "consistent", 1, 16, 256, {}),
     "plain-multi-tile": ("plain", "*bf16", "nearest", 64, 16, 16,
                          {"TILE_BLOCKS": 4, "BLOCK_ROWS": 4}),
+    "plain-m1-multi-tile": ("plain", "*bf16", "nearest", 1, 32, 32, {}),
     "gather-nearest-m1-G4": ("gather", "*fp16", "nearest", 1, 16, 4, {}),
     "gather-consistent-m64-G4": ("gather", "*bf16", "consistent", 64, 16, 4, {}),
+    "scatter-consistent-m1-G4": ("scatter", "*bf16", "consistent", 1, 16, 4, {}),
+    "scatter-nearest-m1-multi-tile": ("scatter", "*fp32", "nearest", 1, 56, 256, {}),
     "silu-nearest-m1-G4": ("silu", "*bf16", "nearest", 1, 4, 4, {}),
     "silu-consistent-m1-G256": ("silu", "*fp16", "consistent", 1, 4, 256, {}),
     "silu-nearest-m128-G4": ("silu", "*bf16", "nearest", 128, 4, 4, {}),
@@ -509,6 +576,8 @@ AOT_CASES = {
 
 
 def _compile_case(mode, src_type, rounding, act_block_m, num_blocks, group, overrides):
+    if act_block_m == 1:
+        return _compile_per_token_case(mode, src_type, rounding, num_blocks, group)
     config = tri.act_quant_config(mode, act_block_m, num_blocks, group, BLOCK_K)
     config.update(overrides)
     num_warps = config.pop("num_warps")
@@ -521,6 +590,20 @@ def _compile_case(mode, src_type, rounding, act_block_m, num_blocks, group, over
                       ACT_BLOCK_M=act_block_m, BLOCK_K=BLOCK_K, SUPER_GROUP=group,
                       Q_MAX=Q_MAX, ROUNDING=rounding, **config)
     return compile_for_hopper(tri._quantize_act_kernel, signature, constexprs,
+                              num_warps=num_warps)
+
+
+def _compile_per_token_case(mode, src_type, rounding, num_blocks, group):
+    config = tri_pt.per_token_config(mode, num_blocks, group, BLOCK_K, num_rows=8192)
+    num_warps = config.pop("num_warps")
+    signature = {"src_ptr": src_type, "sorted_pair_ids_ptr": "*i32", "pair_to_row_ptr": "*i32",
+                 "expert_offsets_ptr": "*i32", "a_q_ptr": "*i8", "a_qscale_ptr": "*i32",
+                 "a_fscale_ptr": "*fp32", "num_src_rows": "i32", "num_cols": "i32",
+                 "num_blocks": "i32", "stride_src_m": "i32", "stride_aqm": "i32",
+                 "stride_qsm": "i32", "stride_fsm": "i32"}
+    constexprs = dict(MODE=mode, TOP_K=8, NUM_EXPERTS=256, BLOCK_K=BLOCK_K,
+                      SUPER_GROUP=group, Q_MAX=Q_MAX, ROUNDING=rounding, **config)
+    return compile_for_hopper(tri_pt._quantize_rows_kernel, signature, constexprs,
                               num_warps=num_warps)
 
 

@@ -116,7 +116,7 @@ class QuantizedMoEWeights:
 
 def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, *, block_n: int = 64,
                      block_k: int = 128, q_max: int = 16, super_group_size: int | None = None,
-                     scale_rounding: str = "consistent", act_block_m: ActBlockM = "auto",
+                     scale_rounding: str = "consistent", act_block_m: ActBlockM = 1,
                      allow_int32_overflow: bool = False) -> QuantizedMoEWeights:
     """Quantize expert weights once (offline) to INT8 with (Q, F) block scales (SPEC 4).
 
@@ -130,8 +130,9 @@ def quantize_weights(w13: torch.Tensor, w2: torch.Tensor, *, block_n: int = 64,
             unless ``allow_int32_overflow=True`` (the reference design uses 256).
         scale_rounding: "consistent" (default: Q = ceil(s/F), int8 quantized with Q*F) or
             "nearest" (reference design: Q = rint(s/F), int8 quantized with s).
-        act_block_m: activation scale block rows used by the forward: "auto" (128, or 64
-            when tokens*top_k/E <= 70), an int, or 1 for per-token scales.
+        act_block_m: activation scale block rows used by the forward: 1 (default,
+            per-token scales: most accurate and fastest), "auto" (the reference design:
+            128, or 64 when tokens*top_k/E <= 70), or any int >= 1.
     """
     config = QuantConfig.create(block_k=block_k, block_n=block_n, q_max=q_max,
                                 super_group_size=super_group_size,

@@ -2,6 +2,9 @@
 
     permute -> gather+quantize -> GEMM1 -> SiLU*up+quantize -> GEMM2 -> un-permute
 
+With per-token activation scales (``act_block_m = 1``) the first quantization runs per
+token and stores each result at the token's top_k rows (``quant_per_token``).
+
 Every buffer is sized from M, top_k and E, and no stage reads a device value back to the
 host, so the whole forward can be captured in a CUDA graph. ``gemm`` is the only piece a
 backend swaps (``triton_moe.gemm.grouped_gemm`` or ``cutlass_backend.grouped_gemm``);
@@ -15,6 +18,7 @@ import torch
 
 from triton_moe.permute import permute
 from triton_moe.quant import permute_quantize, silu_mul_quantize
+from triton_moe.quant_per_token import quantize_scatter
 from triton_moe.unpermute import unpermute
 
 
@@ -47,9 +51,15 @@ def moe_forward_triton(hidden_states: torch.Tensor, weights, topk_weights: torch
     stage("permute_quantize")
     perm = permute(topk_ids, weights.num_experts, expert_map=expert_map,
                    act_block_m=act_block_m)
-    a_q, a_qscale, a_fscale = permute_quantize(
-        hidden_states, perm.sorted_pair_ids, perm.expert_offsets, perm.scale_row_offsets,
-        top_k=top_k, **quant_opts)
+    if act_block_m == 1:
+        # Per-token scales: each token is quantized once and stored at its top_k rows.
+        a_q, a_qscale, a_fscale = quantize_scatter(
+            hidden_states, perm.pair_to_row, perm.expert_offsets, top_k=top_k,
+            **{k: v for k, v in quant_opts.items() if k != "act_block_m"})
+    else:
+        a_q, a_qscale, a_fscale = permute_quantize(
+            hidden_states, perm.sorted_pair_ids, perm.expert_offsets,
+            perm.scale_row_offsets, top_k=top_k, **quant_opts)
 
     stage("gemm1")
     h = gemm(a_q, a_qscale, a_fscale, weights.w13_q, weights.w13_qscale,

@@ -125,11 +125,11 @@ def grouped_gemm_kernel(
     matmul tutorial, in groups of GROUP_M M-tiles. With GROUP_M = 1 consecutive programs
     share one A tile and sweep the expert's weights, which then stay in L2 for the expert's
     next M-tiles (an expert's B is 1-2 MB at the default shapes; A is read once from DRAM).
-    Expert e owns ceil(count_e / BLOCK_M) consecutive M-tile slots, starting at its segment
-    start, so a tile never straddles two experts and lines up with activation scale blocks
-    (which also count from the segment start, SPEC 4.1). Each program recomputes that
-    prefix sum over an E-wide vector of ``expert_offsets`` and finds its slot; slots past
-    the last tile return at once, and empty experts own no slot.
+    Expert e owns consecutive M-tile slots, tiles counted from its segment start, so a tile
+    never straddles two experts and lines up with activation scale blocks (which also
+    count from the segment start, SPEC 4.1). Each program finds its expert from an E-wide
+    vector of ``expert_offsets`` (see the code); slots past the expert's rows (at most one
+    per expert, plus the tail of the bound) return at once.
 
     Loads. A and B tiles come by TMA (``a_desc`` over A [P, Kin], ``b_desc`` over all experts'
     weights as one [E * Nout, Kin] matrix), software-pipelined NUM_STAGES deep together with
@@ -172,20 +172,25 @@ def grouped_gemm_kernel(
     tile_m = first_tile_m + (pid % num_pid_in_group) % group_size_m
     tile_n = (pid % num_pid_in_group) // group_size_m
 
-    # Which expert owns M-tile slot `tile_m`: inclusive prefix sum of per-expert tile counts.
+    # Which expert owns M-tile slot `tile_m`, without a scan: with the strictly increasing
+    # keys V_e = expert_offsets[e] + e * BLOCK_M, it is the last e with V_e <= tile_m *
+    # BLOCK_M, and its local tile is tile_m - ceil(V_e / BLOCK_M). Expert e so owns
+    # ceil(V_{e+1} / BLOCK_M) - ceil(V_e / BLOCK_M) >= ceil(count_e / BLOCK_M) slots, and
+    # the last slot needed is below cdiv(P, BLOCK_M) + E. One compare-and-count over an
+    # E-wide vector (one cross-warp reduction) instead of a cumsum and four reductions:
+    # this prologue runs once per output tile (GEMM2 at the default workload has 4 K-blocks
+    # per tile, so it is a visible share of a tile's time).
     experts = tl.arange(0, EXPERTS_PAD)
-    in_range = experts < num_experts
-    seg_starts = tl.load(expert_offsets_ptr + experts, mask=in_range, other=0)
-    seg_ends = tl.load(expert_offsets_ptr + experts + 1, mask=in_range, other=0)
-    tiles = (seg_ends - seg_starts + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, axis=0)
-    expert = tl.sum((tiles_end <= tile_m).to(tl.int32), axis=0)
-    if expert >= num_experts:
-        return
-    owner = experts == expert
-    row_start = tl.sum(tl.where(owner, seg_starts, 0), axis=0)
-    row_end = tl.sum(tl.where(owner, seg_ends, 0), axis=0)
-    local_m = (tile_m - tl.sum(tl.where(owner, tiles_end - tiles, 0), axis=0)) * BLOCK_M
+    seg_starts = tl.load(expert_offsets_ptr + experts, mask=experts < num_experts,
+                         other=2**31 - 1)
+    keys = seg_starts.to(tl.int64) + experts.to(tl.int64) * BLOCK_M
+    expert = tl.sum((keys <= tile_m.to(tl.int64) * BLOCK_M).to(tl.int32), axis=0) - 1
+    row_start = tl.load(expert_offsets_ptr + expert)
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    first_slot = (row_start.to(tl.int64) + expert * BLOCK_M + BLOCK_M - 1) // BLOCK_M
+    local_m = ((tile_m - first_slot) * BLOCK_M).to(tl.int32)
+    if row_start + local_m >= row_end:
+        return  # surplus slot, or an empty expert's slot
     scale_row_start = tl.load(scale_row_offsets_ptr + expert)
 
     first_row = row_start + local_m

@@ -7,6 +7,10 @@ One kernel family, three launchers that differ only in where a row's values come
 * ``quantize_activations``: rows already in permuted order;
 * ``silu_mul_quantize``: ``gate / (1 + exp(-gate)) * up`` of GEMM1's output ``h [P, 2N]``.
 
+The kernel here handles scale blocks of ``act_block_m > 1`` rows of one expert; with
+per-token scales (``act_block_m == 1``) the launchers hand over to ``quant_per_token``,
+whose rows are independent (same results).
+
 The arithmetic is docs/design.md, "Block scales and the (Q, F) factorization", bit for
 bit: ``reference/quant.py`` is the oracle and the tests compare int8 values, Q and F
 exactly.
@@ -143,15 +147,15 @@ def _quantize_act_kernel(
         E_PAD: tl.constexpr, ACT_BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         SUPER_GROUP: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr,
         GROUP_PAD: tl.constexpr, TILE_BLOCKS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """Quantize one (scale row, super group) of permuted activations.
+    """Quantize one (scale row, super group) of permuted activations, ``ACT_BLOCK_M > 1``
+    (per-token scales go to ``quant_per_token``, whose rows are independent).
 
     Program ``(srow, group)`` owns the rows of scale block ``srow`` (up to
     ``ACT_BLOCK_M`` rows of one expert, counted from the expert's segment start, SPEC 4.1)
     and the K-blocks ``[group * SUPER_GROUP, (group + 1) * SUPER_GROUP)``:
 
     1. Its expert is the number of experts whose scale rows end at or before ``srow``: a
-       vector compare over ``scale_row_offsets``, no host sync (per-token scales need
-       none: scale row r is row r). Programs past ``scale_row_offsets[E]`` (the grid is
+       vector compare over ``scale_row_offsets``, no host sync. Programs past ``scale_row_offsets[E]`` (the grid is
        sized for the worst case) get no rows and store nothing.
     2. Pass 1 reads the super group in tiles of ``BLOCK_ROWS x TILE_BLOCKS x BLOCK_K``
        values and keeps a running absmax per (tile row, K-block); the rows are reduced
@@ -174,7 +178,7 @@ def _quantize_act_kernel(
 
     When a tile spans the whole super group (the usual case), the last row tile of pass 1
     stays in registers and pass 2 starts with it: a scale block of one row tile (small
-    batches, per-token scales) is read once, and that tile's SiLU is evaluated once; the
+    batches) is read once, and that tile's SiLU is evaluated once; the
     other tiles are read again (from L2 mostly: the program just read them). A super
     group wider than ``TILE_BLOCKS`` (e.g. Mixtral's N = 14336 with G = 256) is walked
     in K-tiles, and per-block values move between a K-tile and the group vector through
@@ -189,23 +193,16 @@ def _quantize_act_kernel(
     group = tl.program_id(1)
 
     # (1) Which expert, which rows.
-    if ACT_BLOCK_M == 1:
-        # Per-token scales: scale row r is permuted row r, whatever its expert.
-        used = srow < tl.load(expert_offsets_ptr + NUM_EXPERTS)
-        row_start = srow
-        row_end = tl.where(used, srow + 1, srow)
-    else:
-        offs_e = tl.arange(0, E_PAD)
-        srow_ends = tl.load(scale_row_offsets_ptr + 1 + offs_e, mask=offs_e < NUM_EXPERTS,
-                            other=_INT32_MAX)
-        expert = tl.minimum(tl.sum((srow_ends <= srow).to(tl.int32), axis=0),
-                            NUM_EXPERTS - 1)
-        used = srow < tl.load(scale_row_offsets_ptr + NUM_EXPERTS)
-        expert_srow = tl.load(scale_row_offsets_ptr + expert).to(tl.int64)
-        row_start = tl.load(expert_offsets_ptr + expert).to(tl.int64) \
-            + (srow - expert_srow) * ACT_BLOCK_M
-        seg_end = tl.load(expert_offsets_ptr + expert + 1).to(tl.int64)
-        row_end = tl.where(used, tl.minimum(row_start + ACT_BLOCK_M, seg_end), row_start)
+    offs_e = tl.arange(0, E_PAD)
+    srow_ends = tl.load(scale_row_offsets_ptr + 1 + offs_e, mask=offs_e < NUM_EXPERTS,
+                        other=_INT32_MAX)
+    expert = tl.minimum(tl.sum((srow_ends <= srow).to(tl.int32), axis=0), NUM_EXPERTS - 1)
+    used = srow < tl.load(scale_row_offsets_ptr + NUM_EXPERTS)
+    expert_srow = tl.load(scale_row_offsets_ptr + expert).to(tl.int64)
+    row_start = tl.load(expert_offsets_ptr + expert).to(tl.int64) \
+        + (srow - expert_srow) * ACT_BLOCK_M
+    seg_end = tl.load(expert_offsets_ptr + expert + 1).to(tl.int64)
+    row_end = tl.where(used, tl.minimum(row_start + ACT_BLOCK_M, seg_end), row_start)
 
     first_block = group * SUPER_GROUP
     group_blocks = tl.minimum(num_blocks - first_block, SUPER_GROUP)
@@ -372,6 +369,12 @@ def _launch(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
     assert num_cols % block_k == 0 and block_k == triton.next_power_of_2(block_k), block_k
     assert expert_offsets.is_contiguous() and scale_row_offsets.is_contiguous()
     assert expert_offsets.numel() == scale_row_offsets.numel() >= 2
+    if act_block_m == 1:
+        # Per-token scales: rows are independent; quant_per_token tiles them (same bits).
+        from triton_moe.quant_per_token import quantize_rows
+        return quantize_rows(mode, src, num_pairs, num_cols, expert_offsets, top_k=top_k,
+                             block_k=block_k, q_max=q_max, super_group_size=super_group_size,
+                             scale_rounding=scale_rounding, sorted_pair_ids=sorted_pair_ids)
     num_experts = expert_offsets.numel() - 1
     num_blocks = num_cols // block_k
     num_groups = -(-num_blocks // super_group_size)
