@@ -95,6 +95,9 @@ def _quantize_rows_kernel(
     itself, or in "scatter" the ``top_k`` rows ``pair_to_row[r * top_k + j]`` that are
     ``>= 0`` (dropped pairs are not written).
 
+    The K-tile loops are ``while`` loops: the Triton 3.6 interpreter fails on ``range``
+    with a runtime bound under numpy >= 2.4 (pinned below, but GPU images ship newer).
+
     Pass 1 takes per (row, K-block) the absmax over each K-tile (reductions over the K
     axis, which Triton lays within a warp: no barrier), then ``s``, ``F`` and ``Q`` per row
     (SPEC 4.2). NaN is tracked apart (``tl.max`` ignores it) and makes the row's ``F``
@@ -124,7 +127,8 @@ def _quantize_rows_kernel(
     block_amax = tl.full([BLOCK_ROWS, GROUP_PAD], 0.0, tl.float32)
     any_nan = tl.full([BLOCK_ROWS], 0, tl.int32)
     kept = tl.full([BLOCK_ROWS, TILE_BLOCKS, BLOCK_K], 0.0, VALUE_DTYPE)
-    for tile_start in range(0, group_blocks, TILE_BLOCKS):
+    tile_start = 0
+    while tile_start < group_blocks:
         tile_blocks = tile_start + offs_t
         cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
         col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
@@ -141,6 +145,7 @@ def _quantize_rows_kernel(
             hit = offs_g[:, None] == tile_blocks[None, :]
             block_amax = tl.maximum(block_amax, tl.max(
                 tl.where(hit[None, :, :], tile_amax[:, None, :], 0.0), axis=2))
+        tile_start += TILE_BLOCKS
 
     # s = max(absmax / 127, eps); F = max_g s / q_max; Q by the chosen rounding (SPEC 4.2).
     s = tl.maximum(tl.math.div_rn(block_amax, tl.full([BLOCK_ROWS, GROUP_PAD], 127.0,
@@ -159,7 +164,8 @@ def _quantize_rows_kernel(
     qscale = qscale.to(tl.int32)
 
     # Pass 2: int8 values; stored (with Q and F) at every destination row.
-    for tile_start in range(0, group_blocks, TILE_BLOCKS):
+    tile_start = 0
+    while tile_start < group_blocks:
         tile_blocks = tile_start + offs_t
         cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
         col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
@@ -181,6 +187,7 @@ def _quantize_rows_kernel(
         else:
             tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :], a_q,
                      mask=row_mask[:, None, None] & mask)
+        tile_start += TILE_BLOCKS
 
     scale_mask = in_group[None, :]
     if MODE == "scatter":
