@@ -24,7 +24,7 @@ def _dsl_import_error() -> str | None:
     """None if the DSL imports, else why not."""
     try:
         importlib.import_module("cutlass.cute")
-    except Exception as exc:  # ImportError, or a broken install raising anything else
+    except Exception as exc:  # noqa: BLE001 -- ImportError, or a broken install's error
         return (f"the CUTLASS Python DSL (nvidia-cutlass-dsl) is not importable "
                 f"({type(exc).__name__}: {exc}); install it with {INSTALL_HINT}")
     return None
@@ -61,8 +61,9 @@ def grouped_gemm(a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale, expert_offset
                  out_dtype, bias=None, out=None, tile=None):
     """Hybrid grouped GEMM (SPEC 5) of every expert in one launch, CuTe DSL kernel.
 
-    Same arguments and result as ``triton_moe.gemm.grouped_gemm``; ``tile`` ("large"
-    128x64 or "small" 64x64) overrides the choice by rows per expert. Raises
+    Same arguments and result as ``triton_moe.gemm.grouped_gemm``; ``tile`` (a name of
+    ``cutlass_backend.gemm.TILE_CONFIGS``: "large" 128x64, "small" 64x64, or a variant)
+    overrides the choice by rows per expert. Raises
     :class:`CutlassUnavailableError` (a RuntimeError) if nvidia-cutlass-dsl is missing.
     """
     return _kernels().grouped_gemm(
@@ -71,4 +72,4 @@ def grouped_gemm(a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale, expert_offset
         super_group_size=super_group_size, out_dtype=out_dtype, bias=bias, out=out, tile=tile)
 
 
-__all__ = ["CutlassUnavailableError", "INSTALL_HINT", "grouped_gemm", "is_available"]
+__all__ = ["INSTALL_HINT", "CutlassUnavailableError", "grouped_gemm", "is_available"]

@@ -30,16 +30,39 @@ Algorithm (one CTA = one BLOCK_M x BLOCK_N output tile of one expert)
   inside one scale block each way (the default: act_block_m 128 / 64 = BLOCK_M, block_n 64
   = BLOCK_N) a separate compiled variant uses one scalar weight per K-block: one IMAD per
   accumulator element, SPEC 5's cheap case.
-* Warps: 4 (64x64 tile) or 8 (128x64 tile), each owning a 32x32 sub-tile: a thread keeps
-  32 int32 products and 32 int32 group sums in registers; the fp32 accumulators live in
-  shared memory, thread-private and bank-conflict free, touched once per super group.
-  That holds the 128x64 kernel to 128 registers (2 CTAs per SM) and the 64x64 one to 168
-  (3 CTAs per SM), which hides the per-tile latency (expert search, pipeline fill).
+* Warps (default tiles): 4 (64x64 tile) or 8 (128x64 tile), each owning a 32x32
+  sub-tile: a thread keeps 32 int32 products and 32 int32 group sums in registers; the
+  fp32 accumulators live in shared memory, thread-private and bank-conflict free,
+  touched once per super group. That holds the 128x64 kernel to 128 registers (2 CTAs
+  per SM) and the 64x64 one to 168 (3 CTAs per SM), which hides the per-tile latency
+  (expert search, pipeline fill).
+
+Tile variants (``TILE_CONFIGS``, the ``tile=`` argument; default choice unchanged:
+"large", or "small" at <= 70 rows per expert). Per CTA on sm_90 (ptxas 13.0, bf16, scale
+mode tile / rows; spills in bytes), shared memory at block_k 128:
+
+    name                  CTA      warps x tile  st acc   regs      smem    CTAs/SM
+    large                 128x64   8 x 32x32     3  smem  126/128*  111 KB  2
+    small                 64x64    4 x 32x32     3  smem  144/148    69 KB  3
+    small_racc            64x64    4 x 32x32     3  regs  168/168    52 KB  3
+    small_racc_s4         64x64    4 x 32x32     4  regs  168/168    69 KB  3
+    large_w64x32          128x64   4 x 64x32     3  smem  254/254   111 KB  2
+    large_w64x32_racc     128x64   4 x 64x32     3  regs  255+~120   78 KB  2
+    large_w64x32_racc_s4  128x64   4 x 64x32     4  regs  255+~120  103 KB  2
+    n128_w32x64           64x128   4 x 32x64     3  smem  254/254   111 KB  2
+    n128_w32x64_racc      64x128   4 x 32x64     3  regs  255+~120   78 KB  2
+    n128_w32x64_racc_s4   64x128   4 x 32x64     4  regs  255+~120  103 KB  2
+    wide_w64x32           128x128  8 x 64x32     3  smem  244/246   170 KB  1 (> A100's 163)
+    wide_w64x32_racc_s4   128x128  8 x 64x32     4  regs  255+~100  137 KB  1
+
+(* 8 bytes of spill in the rows mode.) The per-row ("rows") weighting costs one IMUL per
+accumulator row and one IMAD per element, like the scalar one, instead of the general
+path's IMUL + IMAD per element and 3x the shared-memory scale reads.
 
 Requirements (asserted by the launcher): ``block_k`` in (64, 128, 256) and ``Kin %
 block_k == 0``, int8 operands 16-byte aligned, all tensors contiguous. 64-bit strides for
 the operands, so ``E * Nout * Kin`` may exceed 2**31. Compiled once per (tile, block_k,
-out dtype, bias, uniform scales).
+out dtype, bias, scale mode).
 """
 from __future__ import annotations
 
@@ -48,11 +71,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import cuda.bindings.driver as cuda
-import torch
 import cutlass
-import cutlass.cute as cute
-import cutlass.memory
 import cutlass._mlir.dialects.cute_nvgpu as _cute_nvgpu_ir
+import cutlass.memory
+import torch
+from cutlass import cute
 from cutlass._mlir import ir
 from cutlass.cute.atom import Trait, make_atom
 from cutlass.cute.core import _pack_shape
@@ -63,13 +86,61 @@ from cutlass.cute.typing import AddressSpace
 MMA_SHAPE_MNK = (16, 8, 32)
 NUM_STAGES = 3
 
-# CTA tiles (BLOCK_M, BLOCK_N); BLOCK_K is always the quantization block_k (one K tile =
-# one Q-weighted K-block). The reference design's tiles (SPEC 8): 128x64, and 64x64 when
-# the average expert gets <= 70 rows. Chosen from P and E only (no host sync).
+@dataclass(frozen=True)
+class TileConfig:
+    """One compiled tile variant. CTA tile ``block_m x block_n`` (BLOCK_K is always the
+    quantization block_k: one K tile = one Q-weighted K-block), split over warps of
+    ``warp_m x warp_n`` each; ``stages`` cp.async stages; ``acc_in_regs``: the fp32
+    super-group sums live in registers instead of thread-private shared memory;
+    ``min_blocks_per_sm``: the register budget the compiler is held to (65536 /
+    (threads * this), rounded down to a multiple of 8, at most 255)."""
+
+    block_m: int
+    block_n: int
+    warp_m: int = 32
+    warp_n: int = 32
+    stages: int = NUM_STAGES
+    acc_in_regs: bool = False
+    min_blocks_per_sm: int = 2
+
+    @property
+    def num_warps(self) -> int:
+        return (self.block_m // self.warp_m) * (self.block_n // self.warp_n)
+
+    def describe(self) -> str:
+        return (f"{self.block_m}x{self.block_n} w{self.num_warps} ({self.warp_m}x{self.warp_n}"
+                f"/warp) s{self.stages} acc:{'regs' if self.acc_in_regs else 'smem'} "
+                f">={self.min_blocks_per_sm} CTA/SM")
+
+
+# Tile variants by name (the ``tile=`` argument). "large" / "small" are the reference
+# design's tiles (SPEC 8: 128x64, and 64x64 when the average expert gets <= 70 rows) and
+# the default choice (from P and E only, no host sync). The others trade occupancy for
+# more MMAs per ldmatrix (a 64x32 / 32x64 warp tile issues 16 MMAs per 6 ldmatrix.x4 per
+# k-step, a 32x32 one 8 per 4) and, with ``acc_in_regs``, drop the shared-memory round
+# trip of the fp32 sums (8 bytes per element per super group). Registers and smem per
+# CTA of each (sm_90, ptxas 13.0) are listed in the module docstring.
 TILE_CONFIGS = {
-    "large": (128, 64),
-    "small": (64, 64),
+    "large": TileConfig(128, 64, min_blocks_per_sm=2),
+    "small": TileConfig(64, 64, min_blocks_per_sm=3),
+    "small_racc": TileConfig(64, 64, acc_in_regs=True, min_blocks_per_sm=3),
+    "small_racc_s4": TileConfig(64, 64, stages=4, acc_in_regs=True, min_blocks_per_sm=3),
+    "large_w64x32": TileConfig(128, 64, 64, 32),
+    "large_w64x32_racc": TileConfig(128, 64, 64, 32, acc_in_regs=True),
+    "large_w64x32_racc_s4": TileConfig(128, 64, 64, 32, stages=4, acc_in_regs=True),
+    "n128_w32x64": TileConfig(64, 128, 32, 64),
+    "n128_w32x64_racc": TileConfig(64, 128, 32, 64, acc_in_regs=True),
+    "n128_w32x64_racc_s4": TileConfig(64, 128, 32, 64, stages=4, acc_in_regs=True),
+    "wide_w64x32": TileConfig(128, 128, 64, 32, min_blocks_per_sm=1),
+    "wide_w64x32_racc_s4": TileConfig(128, 128, 64, 32, stages=4, acc_in_regs=True,
+                                      min_blocks_per_sm=1),
 }
+# How the (Q, F) weights vary over one CTA tile (chosen per launch from act_block_m,
+# block_n and the tile): "tile" = one scalar each way (act_block_m % BLOCK_M == 0 and
+# block_n % BLOCK_N == 0, the reference default); "rows" = per row of A, one scalar for
+# B (block_n % BLOCK_N == 0: per-token activation scales, act_block_m = 1); "general" =
+# per row and per column.
+SCALE_MODES = ("tile", "rows", "general")
 SMALL_TILE_MAX_ROWS_PER_EXPERT = 70
 
 
@@ -109,32 +180,55 @@ class HybridGroupedGemm:
     whether the scales are uniform over a tile; ``__call__`` builds layouts, copy atoms and
     the tiled MMA and launches ``kernel``."""
 
-    def __init__(self, tile_mnk, out_dtype, has_bias: bool, uniform_scales: bool,
-                 num_stages: int = NUM_STAGES):
+    def __init__(self, tile_mnk, out_dtype, has_bias: bool, scale_mode,
+                 num_stages: int = NUM_STAGES, *, warp_mn=(32, 32), acc_in_regs: bool = False,
+                 min_blocks_per_sm: int | None = None):
         self.tile_m, self.tile_n, self.tile_k = tile_mnk
         # one K tile = one quant block (SPEC 5); >= 2 MMA k-steps for the register
         # pipeline, 16-byte copies, 128-byte swizzle atoms
         assert self.tile_k in (64, 128, 256)
-        assert self.tile_m % 32 == 0 and self.tile_n % 32 == 0
+        self.warp_m, self.warp_n = warp_mn
+        assert self.warp_m % 16 == 0 and self.warp_n % 16 == 0
+        assert self.tile_m % self.warp_m == 0 and self.tile_n % self.warp_n == 0
         self.out_dtype = out_dtype
         self.has_bias = has_bias
-        # uniform_scales: the tile lies inside one activation and one weight scale block
-        # (act_block_m % BLOCK_M == 0, block_n % BLOCK_N == 0), so Q_A * Q_B and F_A * F_B
-        # are one scalar per tile and K-block. A separate variant: the per-row/column
-        # path costs ~60 more registers, which would cost the cheap path its occupancy.
-        self.uniform_scales = uniform_scales
-        # CTAs per SM the register budget is held to: 128 / 168 registers (the uniform
-        # path fits without spills; the general 128x64 one spills a few bytes)
-        self.min_blocks_per_sm = 2 if self.tile_m == 128 else 3
+        # scale_mode (SCALE_MODES; True / False = "tile" / "general"): how Q and F vary
+        # over the tile. "tile": Q_A * Q_B and F_A * F_B are one scalar per tile and
+        # K-block; "rows": one per row; "general": one per element. Separate variants: the
+        # per-row/column path costs ~40-60 more registers, which would cost the cheap
+        # path its occupancy.
+        if scale_mode is True or scale_mode is False:
+            scale_mode = "tile" if scale_mode else "general"
+        assert scale_mode in SCALE_MODES, scale_mode
+        self.scale_mode = scale_mode
+        self.uniform_scales = scale_mode == "tile"
+        self.acc_in_regs = acc_in_regs
+        # CTAs per SM the register budget is held to
+        if min_blocks_per_sm is None:
+            min_blocks_per_sm = 2 if self.tile_m == 128 else 3
+        self.min_blocks_per_sm = min_blocks_per_sm
         self.num_stages = num_stages
-        # one warp per 32x32 sub-tile: 2 x 32 int32 accumulators per thread in registers
-        self.warp_layout_mnk = (self.tile_m // 32, self.tile_n // 32, 1)
+        # warps tile the CTA; each keeps warp_m x warp_n / 32 int32 products and as many
+        # int32 group sums (and, with acc_in_regs, fp32 sums) per thread in registers
+        self.warp_layout_mnk = (self.tile_m // self.warp_m, self.tile_n // self.warp_n, 1)
         self.num_threads = 32 * self.warp_layout_mnk[0] * self.warp_layout_mnk[1]
         # the 16-byte copy pattern (BK / 16 threads per row) must tile both operands
         rows_per_copy = self.num_threads // (self.tile_k // 16)
+        assert rows_per_copy > 0
         assert self.tile_m % rows_per_copy == 0 and self.tile_n % rows_per_copy == 0
-        # every thread stages at most one row / column scale entry (see the kernel)
-        assert self.tile_m + self.tile_n <= self.num_threads
+        # scale entries staged per K-block (row entries 0..BM-1, column entries BM..):
+        # "tile" reads entries 0 and BM, "rows" 0..BM, "general" all BM + BN; a thread
+        # stages entries tidx + s * threads for s < scale_slots
+        self.num_scale_entries = {"tile": self.tile_m + 1, "rows": self.tile_m + 1,
+                                  "general": self.tile_m + self.tile_n}[scale_mode]
+        self.scale_slots = -(-self.num_scale_entries // self.num_threads)
+
+    @staticmethod
+    def from_config(cfg: TileConfig, block_k: int, out_dtype, has_bias: bool, scale_mode):
+        return HybridGroupedGemm((cfg.block_m, cfg.block_n, block_k), out_dtype, has_bias,
+                                 scale_mode, cfg.stages, warp_mn=(cfg.warp_m, cfg.warp_n),
+                                 acc_in_regs=cfg.acc_in_regs,
+                                 min_blocks_per_sm=cfg.min_blocks_per_sm)
 
     # ------------------------------------------------------------------ host side (jit)
     @cute.jit
@@ -228,8 +322,9 @@ class HybridGroupedGemm:
             cute.size_in_bytes(cutlass.Int8, sA_layout)
             + cute.size_in_bytes(cutlass.Int8, sB_layout)
             + 2 * cute.size_in_bytes(cutlass.Int32, sScale_layout)
-            + cute.size_in_bytes(cutlass.Float32, sAcc_layout)
         )
+        if cutlass.const_expr(not self.acc_in_regs):
+            smem_size += cute.size_in_bytes(cutlass.Float32, sAcc_layout)
 
         # Global -> shared: 16-byte cp.async, BK / 16 threads per K-major row.
         copy_bits = 128
@@ -248,7 +343,7 @@ class HybridGroupedGemm:
         tiled_copy_B = cute.make_tiled_copy_tv(atom_async_copy, thread_layout, value_layout)
 
         # Tiled MMA: warps tile the CTA; N permuted x2 so one ldmatrix.x4 feeds two MMAs.
-        wm, wn, wk = self.warp_layout_mnk
+        wm, wn, _wk = self.warp_layout_mnk
         tiled_mma = cute.make_tiled_mma(
             MmaS8Op(),
             cute.make_layout(self.warp_layout_mnk),
@@ -270,6 +365,15 @@ class HybridGroupedGemm:
             min_blocks_per_mp=self.min_blocks_per_sm,
             preferred_smem_carveout=100,   # percent: all of L1/shared as shared memory
         )
+
+    def _owns_scale(self, idx):
+        """Whether scale entry ``idx`` (row idx < BM, column idx - BM) is staged: only
+        the entries the scale mode reads."""
+        if self.scale_mode == "tile":
+            return (idx == 0) | (idx == self.tile_m)
+        if self.scale_mode == "rows":
+            return idx <= self.tile_m
+        return idx < self.tile_m + self.tile_n
 
     # ------------------------------------------------------------------ device code
     @cute.kernel
@@ -342,7 +446,6 @@ class HybridGroupedGemm:
             sB = smem.allocate_tensor(cutlass.Int8, sB_layout, 16)
             sQ = smem.allocate_tensor(cutlass.Int32, sScale_layout, 16)
             sF = smem.allocate_tensor(cutlass.Float32, sScale_layout, 16)
-            sAcc = smem.allocate_tensor(cutlass.Float32, sAcc_layout, 16)
 
             thr_copy_A = tiled_copy_A.get_slice(tidx)
             thr_copy_B = tiled_copy_B.get_slice(tidx)
@@ -426,42 +529,56 @@ class HybridGroupedGemm:
             mma_m = cute.size(tCcC, mode=[1])
             mma_n = cute.size(tCcC, mode=[2])
 
+            # fp32 super-group sums: element e of this thread at acc_f[e], in registers or
+            # in this thread's column of the shared accumulator
+            if cutlass.const_expr(self.acc_in_regs):
+                acc_f = cute.make_rmem_tensor(cute.make_layout(cute.size(acc_block)),
+                                              cutlass.Float32)
+            else:
+                sAcc = smem.allocate_tensor(cutlass.Float32, sAcc_layout, 16)
+                acc_f = sAcc[None, tidx]
             for e in cutlass.range_constexpr(cute.size(acc_block)):
-                sAcc[e, tidx] = cutlass.Float32(0.0)
+                acc_f[e] = cutlass.Float32(0.0)
 
             # ---- scales through shared memory. Entry t < BM holds row t's (Q_A, F_A),
             # entry BM + c column c's (Q_B, F_B) for one K-block, in a ring of 3 K-blocks.
             # The entry for K-block k is loaded from global two iterations ahead (k - 2),
             # stored before the barrier of iteration k - 1 and read after the barrier of
             # iteration k; the slot it overwrites was last read before barrier k - 2.
-            owns_scale = tidx < BM + BN
-            if cutlass.const_expr(self.uniform_scales):
-                owns_scale = (tidx == 0) | (tidx == BM)   # the only entries read
-            scale_is_a = tidx < BM
-            scale_row = cutlass.Int32(0)
-            if tidx < BM:
-                # rows past the expert's end read its last scale row (never stored)
-                row = cutlass.min(m_start + tidx, row_end - 1)
-                scale_row = mSRO[expert] + (row - row_begin) // act_block_m
-            else:
-                col = cutlass.min(tile_n * BN + tidx - BM, n_out - 1)
-                scale_row = col // block_n
-            q_pend = cutlass.Int32(0)
-            f_pend = cutlass.Float32(0.0)
-            if owns_scale:
-                if scale_is_a:
-                    sQ[tidx, 0] = mAQ[scale_row, 0]
-                    sF[tidx, 0] = mAF[scale_row, 0]
+            # A thread stages entries idx = tidx + sl * threads (sl < scale_slots; one
+            # slot unless BM + BN > threads), only those the scale mode reads.
+            NT = self.num_threads
+            SL = self.scale_slots
+            scale_rows = cute.make_rmem_tensor(cute.make_layout(SL), cutlass.Int32)
+            q_pend = cute.make_rmem_tensor(cute.make_layout(SL), cutlass.Int32)
+            f_pend = cute.make_rmem_tensor(cute.make_layout(SL), cutlass.Float32)
+            q_new = cute.make_rmem_tensor(cute.make_layout(SL), cutlass.Int32)
+            f_new = cute.make_rmem_tensor(cute.make_layout(SL), cutlass.Float32)
+            for sl in cutlass.range_constexpr(SL):
+                idx = tidx + sl * NT
+                if idx < BM:
+                    # rows past the expert's end read its last scale row (never stored)
+                    row = cutlass.min(m_start + idx, row_end - 1)
+                    scale_rows[sl] = mSRO[expert] + (row - row_begin) // act_block_m
                 else:
-                    sQ[tidx, 0] = mBQ[expert, scale_row, 0]
-                    sF[tidx, 0] = mBF[expert, scale_row, 0]
-            if owns_scale & (1 < k_tile_count):
-                if scale_is_a:
-                    q_pend = mAQ[scale_row, 1]
-                    f_pend = mAF[scale_row, 1 // super_group_size]
-                else:
-                    q_pend = mBQ[expert, scale_row, 1]
-                    f_pend = mBF[expert, scale_row, 1 // super_group_size]
+                    col = cutlass.min(tile_n * BN + idx - BM, n_out - 1)
+                    scale_rows[sl] = col // block_n
+                q_pend[sl] = cutlass.Int32(0)
+                f_pend[sl] = cutlass.Float32(0.0)
+                if self._owns_scale(idx):
+                    if idx < BM:
+                        sQ[idx, 0] = mAQ[scale_rows[sl], 0]
+                        sF[idx, 0] = mAF[scale_rows[sl], 0]
+                    else:
+                        sQ[idx, 0] = mBQ[expert, scale_rows[sl], 0]
+                        sF[idx, 0] = mBF[expert, scale_rows[sl], 0]
+                if self._owns_scale(idx) & (1 < k_tile_count):
+                    if idx < BM:
+                        q_pend[sl] = mAQ[scale_rows[sl], 1]
+                        f_pend[sl] = mAF[scale_rows[sl], 1 // super_group_size]
+                    else:
+                        q_pend[sl] = mBQ[expert, scale_rows[sl], 1]
+                        f_pend[sl] = mBF[expert, scale_rows[sl], 1 // super_group_size]
             q_a = cute.make_rmem_tensor(cute.make_layout((rows_v, mma_m)), cutlass.Int32)
             q_b = cute.make_rmem_tensor(cute.make_layout((cols_v, mma_n)), cutlass.Int32)
 
@@ -491,21 +608,25 @@ class HybridGroupedGemm:
             # ---- main loop: one iteration = one K-block = one quant block
             for k_tile in range(k_tile_count):
                 k_ahead = k_tile + 2
-                q_new = q_pend
-                f_new = f_pend
-                if owns_scale & (k_ahead < k_tile_count):
-                    if scale_is_a:
-                        q_new = mAQ[scale_row, k_ahead]
-                        f_new = mAF[scale_row, k_ahead // super_group_size]
-                    else:
-                        q_new = mBQ[expert, scale_row, k_ahead]
-                        f_new = mBF[expert, scale_row, k_ahead // super_group_size]
+                for sl in cutlass.range_constexpr(SL):
+                    idx = tidx + sl * NT
+                    q_new[sl] = q_pend[sl]
+                    f_new[sl] = f_pend[sl]
+                    if self._owns_scale(idx) & (k_ahead < k_tile_count):
+                        if idx < BM:
+                            q_new[sl] = mAQ[scale_rows[sl], k_ahead]
+                            f_new[sl] = mAF[scale_rows[sl], k_ahead // super_group_size]
+                        else:
+                            q_new[sl] = mBQ[expert, scale_rows[sl], k_ahead]
+                            f_new[sl] = mBF[expert, scale_rows[sl], k_ahead // super_group_size]
 
                 for k_block in cutlass.range(num_k_block, unroll_full=True):
                     if k_block == num_k_block - 1:
-                        if owns_scale & (k_tile + 1 < k_tile_count):
-                            sQ[tidx, (k_tile + 1) % 3] = q_pend
-                            sF[tidx, (k_tile + 1) % 3] = f_pend
+                        for sl in cutlass.range_constexpr(SL):
+                            idx = tidx + sl * NT
+                            if self._owns_scale(idx) & (k_tile + 1 < k_tile_count):
+                                sQ[idx, (k_tile + 1) % 3] = q_pend[sl]
+                                sF[idx, (k_tile + 1) % 3] = f_pend[sl]
                         tCsA_p = tCsA_view[None, None, None, smem_pipe_read]
                         tCsB_p = tCsB_view[None, None, None, smem_pipe_read]
                         cute.arch.cp_async_wait_group(num_smem_stages - 2)
@@ -521,7 +642,7 @@ class HybridGroupedGemm:
                         tCsB_p[None, None, k_block_next],
                         tCrB_view[None, None, k_block_next],
                     )
-                    if k_block == 0:
+                    if k_block == 0:  # noqa: SIM102 -- DSL: compile-time test, then a run-time one
                         if k_tile + num_smem_stages - 1 < k_tile_count:
                             cute.copy(
                                 tiled_copy_A,
@@ -550,8 +671,9 @@ class HybridGroupedGemm:
                         smem_pipe_read = smem_pipe_read + 1
                         if smem_pipe_read == num_smem_stages:
                             smem_pipe_read = 0
-                q_pend = q_new
-                f_pend = f_new
+                for sl in cutlass.range_constexpr(SL):
+                    q_pend[sl] = q_new[sl]
+                    f_pend[sl] = f_new[sl]
 
                 # S_g += Q_A * Q_B * D_b (int32, exact under the SPEC 5 bound). When the
                 # tile sits inside one activation and one weight scale block (the
@@ -562,6 +684,18 @@ class HybridGroupedGemm:
                     weight = sQ[0, scale_buf] * sQ[BM, scale_buf]
                     for e in cutlass.range_constexpr(cute.size(acc_block)):
                         acc_group[e] = acc_group[e] + weight * acc_block[e]
+                elif cutlass.const_expr(self.scale_mode == "rows"):
+                    # one weight per row: Q_A[row] * Q_B (the tile's one column block)
+                    q_b_tile = sQ[BM, scale_buf]
+                    for v1 in cutlass.range_constexpr(rows_v):
+                        for i in cutlass.range_constexpr(mma_m):
+                            w_row = sQ[tCcC[(0, v1), i, 0][0], scale_buf] * q_b_tile
+                            for v0 in cutlass.range_constexpr(cols_v):
+                                for j in cutlass.range_constexpr(mma_n):
+                                    acc_group[(v0, v1), i, j] = (
+                                        acc_group[(v0, v1), i, j]
+                                        + w_row * acc_block[(v0, v1), i, j]
+                                    )
                 else:
                     for v in cutlass.range_constexpr(rows_v):
                         for i in cutlass.range_constexpr(mma_m):
@@ -588,7 +722,18 @@ class HybridGroupedGemm:
                                 for v0 in cutlass.range_constexpr(cols_v):
                                     for j in cutlass.range_constexpr(mma_n):
                                         e = cute.crd2idx(((v0, v1), i, j), acc_block.layout)
-                                        sAcc[e, tidx] = sAcc[e, tidx] + f_ab * (
+                                        acc_f[e] = acc_f[e] + f_ab * (
+                                            cutlass.Float32(acc_group[(v0, v1), i, j])
+                                        )
+                    elif cutlass.const_expr(self.scale_mode == "rows"):
+                        f_b_tile = sF[BM, scale_buf]
+                        for v1 in cutlass.range_constexpr(rows_v):
+                            for i in cutlass.range_constexpr(mma_m):
+                                f_ab = sF[tCcC[(0, v1), i, 0][0], scale_buf] * f_b_tile
+                                for v0 in cutlass.range_constexpr(cols_v):
+                                    for j in cutlass.range_constexpr(mma_n):
+                                        e = cute.crd2idx(((v0, v1), i, j), acc_block.layout)
+                                        acc_f[e] = acc_f[e] + f_ab * (
                                             cutlass.Float32(acc_group[(v0, v1), i, j])
                                         )
                     else:
@@ -599,7 +744,7 @@ class HybridGroupedGemm:
                                     for j in cutlass.range_constexpr(mma_n):
                                         f_b = sF[BM + tCcC[(v0, 0), 0, j][1], scale_buf]
                                         e = cute.crd2idx(((v0, v1), i, j), acc_block.layout)
-                                        sAcc[e, tidx] = sAcc[e, tidx] + (f_a * f_b) * (
+                                        acc_f[e] = acc_f[e] + (f_a * f_b) * (
                                             cutlass.Float32(acc_group[(v0, v1), i, j])
                                         )
                     acc_group.fill(0)
@@ -620,14 +765,13 @@ class HybridGroupedGemm:
                         if row_ok & (col < n_out):
                             for v0 in cutlass.range_constexpr(cols_v):
                                 e = cute.crd2idx(((v0, v1), i, j), acc_block.layout)
-                                value = sAcc[e, tidx]
+                                value = acc_f[e]
                                 if cutlass.const_expr(self.has_bias):
                                     value = value + mBias[expert, col + v0]
                                 out_pair[v0] = value.to(self.out_dtype)
                             dst = tCgOut[(None, v1), i, j]
                             dst = cute.make_tensor(dst.iterator.align(pair_bytes), dst.layout)
                             cute.autovec_copy(out_pair, dst)
-        return
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -659,13 +803,22 @@ def _pointer_signature(out_dtype):
     )
 
 
+def scale_mode_for(tile: str, act_block_m: int, block_n: int) -> str:
+    """SCALE_MODES entry for a launch: how (Q, F) vary over one tile of ``tile``."""
+    cfg = TILE_CONFIGS[tile]
+    if block_n % cfg.block_n == 0:
+        return "tile" if act_block_m % cfg.block_m == 0 else "rows"
+    return "general"
+
+
 def compile_variant(tile: str, block_k: int, out_dtype, has_bias: bool,
-                    uniform_scales: bool, *, options: str | None = None):
+                    scale_mode, *, options: str | None = None):
     """Compile one kernel variant on placeholder pointers (no GPU needed with an explicit
-    ``--gpu-arch`` in ``options``). ``out_dtype`` is a torch dtype."""
+    ``--gpu-arch`` in ``options``). ``out_dtype`` is a torch dtype; ``scale_mode`` one of
+    SCALE_MODES (True / False = "tile" / "general")."""
     c_dtype = _OUT_DTYPES[out_dtype]
-    kernel = HybridGroupedGemm((*TILE_CONFIGS[tile], block_k), c_dtype, has_bias,
-                               uniform_scales)
+    kernel = HybridGroupedGemm.from_config(TILE_CONFIGS[tile], block_k, c_dtype, has_bias,
+                                           scale_mode)
     pointers = [_pointer(dt, 256, al) for dt, al in _pointer_signature(c_dtype)]
     scalars = [1] * 9
     stream = cute.runtime.make_fake_stream()
@@ -708,17 +861,18 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
         return out
 
     tile = tile or select_tile(num_rows, num_experts)
-    block_m_tile, block_n_tile = TILE_CONFIGS[tile]
-    uniform_scales = act_block_m % block_m_tile == 0 and block_n % block_n_tile == 0
-    key = (tile, block_k, out_dtype, bias is not None, uniform_scales)
+    if tile not in TILE_CONFIGS:
+        raise ValueError(f"unknown tile {tile!r}; one of {sorted(TILE_CONFIGS)}")
+    scale_mode = scale_mode_for(tile, act_block_m, block_n)
+    key = (tile, block_k, out_dtype, bias is not None, scale_mode)
     compiled = _compiled_cache.get(key)
     if compiled is None:
-        compiled = compile_variant(tile, block_k, out_dtype, bias is not None, uniform_scales)
+        compiled = compile_variant(tile, block_k, out_dtype, bias is not None, scale_mode)
         _compiled_cache[key] = compiled
 
     c_dtype = _OUT_DTYPES[out_dtype]
     addresses = (a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale, expert_offsets,
-                 scale_row_offsets, bias if bias is not None else a_fscale, out)  # bias unread if None
+                 scale_row_offsets, a_fscale if bias is None else bias, out)  # unread if None
     pointers = [_pointer(dt, t.data_ptr(), al)
                 for (dt, al), t in zip(_pointer_signature(c_dtype), addresses)]
     num_k_blocks = k_in // block_k

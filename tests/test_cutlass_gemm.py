@@ -57,25 +57,64 @@ def test_tile_choice_follows_rows_per_expert():
     assert gemm.select_tile(16, 0) == "small"
 
 
-# Every (tile, out dtype, bias) variant in the scalar-weight form (the default scales) at
-# block_k 128; the per-row/per-column-scale form once per tile (it differs from the scalar
+# Tile names of cutlass_backend.gemm.TILE_CONFIGS (kept here so collection needs no DSL;
+# test_tile_names_match_the_kernel_table pins the two together).
+TILES = ("large", "small", "small_racc", "small_racc_s4", "large_w64x32", "large_w64x32_racc",
+         "large_w64x32_racc_s4", "n128_w32x64", "n128_w32x64_racc", "n128_w32x64_racc_s4",
+         "wide_w64x32", "wide_w64x32_racc_s4")
+NEW_TILES = TILES[2:]
+
+# Every (tile, out dtype, bias) variant of the default tiles in the scalar-weight form (the
+# default scales) at block_k 128; the per-row ("rows": per-token activation scales) and
+# per-row/per-column ("general") forms once per default tile (they differ from the scalar
 # one only in the weighting; dtype and bias only touch the shared epilogue); block_k 64 and
-# 256 once each. 16 compiles of 1.5-7 s each (2-core CPU).
-COMPILE_VARIANTS = [(tile, dtype, bias, True, 128) for tile in ("large", "small")
+# 256 once each. Every other tile in its "tile" and "rows" forms (bf16, no bias), and the
+# "general" form of the tiles whose BM + BN scale entries exceed the thread count (two
+# staging slots). 1-3 s per compile (2-core CPU).
+COMPILE_VARIANTS = [(tile, dtype, bias, "tile", 128) for tile in ("large", "small")
                     for dtype in OUT_DTYPES for bias in (False, True)]
-COMPILE_VARIANTS += [("large", torch.bfloat16, False, False, 128),
-                     ("small", torch.float32, True, False, 128),
-                     ("large", torch.bfloat16, False, True, 64),
-                     ("small", torch.float16, True, False, 256)]
+COMPILE_VARIANTS += [("large", torch.bfloat16, False, "general", 128),
+                     ("small", torch.float32, True, "general", 128),
+                     ("large", torch.bfloat16, True, "rows", 128),
+                     ("small", torch.float16, False, "rows", 128),
+                     ("large", torch.bfloat16, False, "tile", 64),
+                     ("small", torch.float16, True, "general", 256)]
+COMPILE_VARIANTS += [(tile, torch.bfloat16, False, mode, 128) for tile in NEW_TILES
+                     for mode in ("tile", "rows")]
+COMPILE_VARIANTS += [(tile, torch.float32, True, "general", 128)
+                     for tile in ("n128_w32x64", "large_w64x32_racc")]
+
+
+@needs_dsl
+def test_tile_names_match_the_kernel_table():
+    from cutlass_backend import gemm
+
+    assert set(TILES) == set(gemm.TILE_CONFIGS)
+    for name, cfg in gemm.TILE_CONFIGS.items():
+        kernel = gemm.HybridGroupedGemm.from_config(cfg, 128, None, False, "general")
+        assert kernel.num_threads == 32 * cfg.num_warps, name
+
+
+@needs_dsl
+def test_scale_mode_follows_tile_and_scale_blocks():
+    from cutlass_backend import gemm
+
+    assert gemm.scale_mode_for("large", 128, 64) == "tile"
+    assert gemm.scale_mode_for("large", 256, 128) == "tile"
+    assert gemm.scale_mode_for("large", 64, 64) == "rows"      # 64-row blocks, 128-row tile
+    assert gemm.scale_mode_for("small", 1, 64) == "rows"       # per-token scales
+    assert gemm.scale_mode_for("small", 1, 32) == "general"
+    assert gemm.scale_mode_for("n128_w32x64", 64, 64) == "general"   # BN 128 > block_n
+    assert gemm.scale_mode_for("n128_w32x64", 1, 128) == "rows"
 
 
 @needs_dsl
 @pytest.mark.parametrize(
-    "tile, out_dtype, has_bias, uniform, block_k", COMPILE_VARIANTS,
-    ids=[f"{t}-{str(d).split('.')[-1]}-{'bias' if b else 'nobias'}-"
-         f"{'scalar' if u else 'rowcol'}-k{k}" for t, d, b, u, k in COMPILE_VARIANTS])
-def test_variant_compiles_for_sm80_with_signed_mma(tile, out_dtype, has_bias, uniform, block_k,
-                                                   tmp_path, monkeypatch):
+    "tile, out_dtype, has_bias, scale_mode, block_k", COMPILE_VARIANTS,
+    ids=[f"{t}-{str(d).split('.')[-1]}-{'bias' if b else 'nobias'}-{m}-k{k}"
+         for t, d, b, m, k in COMPILE_VARIANTS])
+def test_variant_compiles_for_sm80_with_signed_mma(tile, out_dtype, has_bias, scale_mode,
+                                                   block_k, tmp_path, monkeypatch):
     """Compile on placeholder pointers for sm_80 (no GPU) and read the PTX it dumps."""
     from cutlass_backend import gemm
 
@@ -84,7 +123,7 @@ def test_variant_compiles_for_sm80_with_signed_mma(tile, out_dtype, has_bias, un
     monkeypatch.setenv("CUTE_DSL_DUMP_DIR", str(tmp_path))
     start = time.perf_counter()
     # The DSL reads its env once per process, so pass the same settings as options too.
-    gemm.compile_variant(tile, block_k, out_dtype, has_bias, uniform,
+    gemm.compile_variant(tile, block_k, out_dtype, has_bias, scale_mode,
                          options=f"--gpu-arch sm_80 --keep-ptx --dump-dir {tmp_path}")
     seconds = time.perf_counter() - start
     ptx_files = [p for p in os.listdir(tmp_path) if p.endswith(".sm_80.ptx")]
@@ -92,14 +131,21 @@ def test_variant_compiles_for_sm80_with_signed_mma(tile, out_dtype, has_bias, un
     ptx = (tmp_path / ptx_files[0]).read_text()
     mma_lines = [line.strip() for line in ptx.splitlines() if "mma.sync" in line]
     # signed operands (signless i8 would silently give .u8.u8, CUTE_DSL.md), and the
-    # whole 32x32 warp sub-tile x one K-block: 2 x 4 x (block_k / 32) MMAs per loop trip
+    # whole warp sub-tile x one K-block: (warp_m / 16) x (warp_n / 8) x (block_k / 32)
+    # MMAs per loop trip (8 x block_k / 32 for a 32x32 warp tile)
+    cfg = gemm.TILE_CONFIGS[tile]
     assert mma_lines and all(SIGNED_MMA in line for line in mma_lines), mma_lines[:3]
-    assert len(mma_lines) == 8 * block_k // 32
+    assert len(mma_lines) == (cfg.warp_m // 16) * (cfg.warp_n // 8) * block_k // 32
     assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
-    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx
+    # one ldmatrix.x4 per 16 rows of A and per 16 columns of B per k-step, in the loop,
+    # plus the prologue's first k-step
+    ldmatrix = [line for line in ptx.splitlines() if "ldmatrix" in line]
+    assert ldmatrix and all("ldmatrix.sync.aligned.m8n8.x4.shared.b16" in line
+                            for line in ldmatrix)
+    assert len(ldmatrix) == (cfg.warp_m + cfg.warp_n) // 16 * (block_k // 32 + 1)
     assert ".local" not in ptx          # no register spills to local memory in the PTX
-    assert ".minnctapersm" in ptx     # register budget for 2 / 3 CTAs per SM
-    print(f"compile {tile}/{out_dtype}/bias={has_bias}/uniform={uniform}/k{block_k}: "
+    assert f".minnctapersm {cfg.min_blocks_per_sm}" in ptx   # register budget per CTA
+    print(f"compile {tile}/{out_dtype}/bias={has_bias}/{scale_mode}/k{block_k}: "
           f"{seconds:.1f} s")
 
 
@@ -134,14 +180,15 @@ def make_problem(*, num_rows, counts, k_in, n_out, act_block_m, block_n=64, bloc
     else:
         a_fscale = torch.rand(num_scale_rows, num_groups, generator=gen) * 1e-3 + 1e-5
         b_fscale = torch.rand(num_experts, n_out // block_n, num_groups, generator=gen) * 1e-3
-    problem = dict(a_q=a_q, a_qscale=a_qscale, a_fscale=a_fscale, b_q=b_q, b_qscale=b_qscale,
-                   b_fscale=b_fscale, expert_offsets=expert_offsets.to(torch.int32),
-                   scale_row_offsets=scale_row_offsets.to(torch.int32))
+    problem = {"a_q": a_q, "a_qscale": a_qscale, "a_fscale": a_fscale, "b_q": b_q,
+               "b_qscale": b_qscale,
+                   "b_fscale": b_fscale, "expert_offsets": expert_offsets.to(torch.int32),
+                   "scale_row_offsets": scale_row_offsets.to(torch.int32)}
     problem = {name: t.to(device) for name, t in problem.items()}
     if bias:
         problem["bias"] = (torch.randn(num_experts, n_out, generator=gen) * 0.1).to(device)
-    params = dict(act_block_m=act_block_m, block_n=block_n, block_k=block_k,
-                  super_group_size=super_group_size)
+    params = {"act_block_m": act_block_m, "block_n": block_n, "block_k": block_k,
+                  "super_group_size": super_group_size}
     return problem, params
 
 
@@ -206,14 +253,17 @@ def ragged_counts(num_experts, num_rows, seed, empty=(1,)):
 
 @pytest.mark.gpu
 @needs_dsl
+@pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("act_block_m", [1, 64, 128])
-@pytest.mark.parametrize("tile", ["large", "small"])
-def test_integer_part_is_exact(tile, act_block_m):
+@pytest.mark.parametrize("tile", TILES)
+def test_integer_part_is_exact(tile, act_block_m, block_n):
     """F = 1 and small Q: every fp32 step is exact, so the kernel must match bit for bit.
-    Full-range signed int8, ragged experts, an empty expert, 2 super groups of 2."""
+    Full-range signed int8, ragged experts, an empty expert, 2 super groups of 2. Over
+    every tile variant, act_block_m and block_n reach all three scale modes."""
     counts = ragged_counts(6, 600, seed=act_block_m)
-    problem, params = make_problem(num_rows=600, counts=counts, k_in=512, n_out=128,
-                                   act_block_m=act_block_m, super_group_size=2, exact=True)
+    problem, params = make_problem(num_rows=600, counts=counts, k_in=512, n_out=256,
+                                   act_block_m=act_block_m, block_n=block_n,
+                                   super_group_size=2, exact=True)
     out, ref, valid_rows = run_case(problem, params, out_dtype=torch.float32, tile=tile)
     check(out, ref, torch.zeros_like(ref, dtype=torch.float64), valid_rows)   # bit-exact
 
@@ -238,6 +288,29 @@ def test_matches_reference(tile, out_dtype, bias, act_block_m, block_n, k_in, n_
     problem, params = make_problem(num_rows=1000, counts=counts, k_in=k_in, n_out=n_out,
                                    act_block_m=act_block_m, block_n=block_n,
                                    super_group_size=group, bias=bias, seed=k_in + n_out)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=out_dtype, tile=tile)
+    check(out, ref, tolerance(problem, params, ref, out_dtype), valid_rows)
+
+
+VARIANT_CASES = [
+    # out dtype, bias, act_block_m, block_n, Kin, Nout, G
+    (torch.bfloat16, True, 1, 128, 640, 384, 2),     # per-token, "rows" everywhere, SG = 3
+    (torch.float16, False, 64, 32, 768, 96, 4),      # "general", ragged Nout (< a 128 tile)
+    (torch.float32, False, 128, 64, 1024, 320, 4),   # "tile" / "rows" / "general" by tile
+]
+
+
+@pytest.mark.gpu
+@needs_dsl
+@pytest.mark.parametrize("out_dtype, bias, act_block_m, block_n, k_in, n_out, group",
+                         VARIANT_CASES, ids=["per_token", "general", "default_scales"])
+@pytest.mark.parametrize("tile", NEW_TILES)
+def test_variant_matches_reference(tile, out_dtype, bias, act_block_m, block_n, k_in, n_out,
+                                   group):
+    counts = ragged_counts(8, 1000, seed=k_in + 1, empty=(0, 5))
+    problem, params = make_problem(num_rows=1000, counts=counts, k_in=k_in, n_out=n_out,
+                                   act_block_m=act_block_m, block_n=block_n,
+                                   super_group_size=group, bias=bias, seed=k_in + n_out + 1)
     out, ref, valid_rows = run_case(problem, params, out_dtype=out_dtype, tile=tile)
     check(out, ref, tolerance(problem, params, ref, out_dtype), valid_rows)
 
@@ -297,12 +370,13 @@ def default_workload_counts(num_rows, num_experts, seed):
 
 @pytest.mark.gpu
 @needs_dsl
+@pytest.mark.parametrize("act_block_m", [128, 1], ids=["abm128", "per_token"])
 @pytest.mark.parametrize("k_in, n_out", [(2048, 1024), (512, 2048)], ids=["gemm1", "gemm2"])
-def test_default_workload(k_in, n_out):
+def test_default_workload(k_in, n_out, act_block_m):
     """SPEC 8: M=8192, top-8 -> P=65536 rows over E=256 experts, K=2048, N=512."""
     num_rows, num_experts = 65536, 256
     counts = default_workload_counts(num_rows, num_experts, seed=k_in)
     problem, params = make_problem(num_rows=num_rows, counts=counts, k_in=k_in, n_out=n_out,
-                                   act_block_m=128, super_group_size=4, seed=7)
+                                   act_block_m=act_block_m, super_group_size=4, seed=7)
     out, ref, valid_rows = run_case(problem, params, out_dtype=torch.bfloat16)
     check(out, ref, tolerance(problem, params, ref, torch.bfloat16), valid_rows)
