@@ -62,8 +62,8 @@ def grouped_gemm(a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale, expert_offset
     """Hybrid grouped GEMM (SPEC 5) of every expert in one launch, CuTe DSL kernel.
 
     Same arguments and result as ``triton_moe.gemm.grouped_gemm``; ``tile`` (a name of
-    ``cutlass_backend.gemm.TILE_CONFIGS``: "large" 128x64, "small" 64x64, or a variant)
-    overrides the choice by rows per expert. Raises
+    ``cutlass_backend.gemm.TILE_CONFIGS``: default "small_racc" 64x64; the reference
+    design's "large" 128x64 / "small" 64x64; or another variant) overrides the default. Raises
     :class:`CutlassUnavailableError` (a RuntimeError) if nvidia-cutlass-dsl is missing.
     """
     return _kernels().grouped_gemm(

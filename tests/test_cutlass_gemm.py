@@ -49,12 +49,14 @@ def test_is_available_names_the_missing_piece():
 
 
 @needs_dsl
-def test_tile_choice_follows_rows_per_expert():
+def test_default_tile_and_reference_tile_choice():
     from cutlass_backend import gemm
 
-    assert gemm.select_tile(8192 * 8, 256) == "large"   # 256 rows per expert
-    assert gemm.select_tile(70 * 256, 256) == "small"   # reference switch at <= 70 rows
-    assert gemm.select_tile(16, 0) == "small"
+    for num_rows, num_experts in ((8192 * 8, 256), (70 * 256, 256), (16, 0)):
+        assert gemm.select_tile(num_rows, num_experts) == gemm.DEFAULT_TILE == "small_racc"
+    assert gemm.reference_tile(8192 * 8, 256) == "large"   # 256 rows per expert
+    assert gemm.reference_tile(70 * 256, 256) == "small"   # reference switch at <= 70 rows
+    assert gemm.reference_tile(16, 0) == "small"
 
 
 # Tile names of cutlass_backend.gemm.TILE_CONFIGS (kept here so collection needs no DSL;
@@ -83,6 +85,9 @@ COMPILE_VARIANTS += [(tile, torch.bfloat16, False, mode, 128) for tile in NEW_TI
                      for mode in ("tile", "rows")]
 COMPILE_VARIANTS += [(tile, torch.float32, True, "general", 128)
                      for tile in ("n128_w32x64", "large_w64x32_racc")]
+# The default tile (DEFAULT_TILE) with the other output dtypes and bias.
+COMPILE_VARIANTS += [("small_racc", torch.float32, True, "rows", 128),
+                     ("small_racc", torch.float16, False, "general", 128)]
 
 
 @needs_dsl
