@@ -250,9 +250,20 @@ def compile_kernels_for_sm90() -> dict:
             tri._scatter_kernel,
             {"topk_ids_ptr": ids_type, "expert_map_ptr": "*i32",
              **{name: "*i32" for name in ptrs}, **ints, "act_block_m": "i32"},
-            {"HAS_EXPERT_MAP": has_map, "BLOCK_P": block_p, "E_PAD": e_pad},
+            {"HAS_EXPERT_MAP": has_map, "BLOCK_P": block_p, "E_PAD": e_pad,
+             "SINGLE_BLOCK": False},
             num_warps=num_warps)
         uses_atomics["scatter " + variant] = "atom." in compiled.asm["ptx"]
+        # The small-batch path: one program counts (tl.histogram), scans and scatters.
+        single = tri.SINGLE_BLOCK_CONFIG
+        compiled = compile_for_hopper(
+            tri._scatter_kernel,
+            {"topk_ids_ptr": ids_type, "expert_map_ptr": "*i32",
+             **{name: "*i32" for name in ptrs}, **ints, "act_block_m": "i32"},
+            {"HAS_EXPERT_MAP": has_map, "BLOCK_P": single["MAX_PAIRS"], "E_PAD": e_pad,
+             "SINGLE_BLOCK": True},
+            num_warps=single["num_warps"])
+        uses_atomics["histogram single-block " + variant] = "atom." in compiled.asm["ptx"]
         if has_map:  # the scan does not depend on the variant: compile it once
             continue
         experts_per_program, scan_block = tri._scan_shape(num_experts, 1024)
@@ -271,7 +282,7 @@ def test_kernels_compile_for_sm90():
     (tl.cumsum, tl.sum) are interpreter objects, so kernels calling them cannot be
     compiled in this process even if the kernel module is loaded again."""
     uses_atomics = run_without_interpreter("tests.test_permute", "compile_kernels_for_sm90")
-    assert len(uses_atomics) == 5
+    assert len(uses_atomics) == 7
     # The scatter and the scan use no atomics at all. (tl.histogram lowers to shared-memory
     # integer atomics: integer adds commute, so its counts are deterministic too.)
     assert not any(used for name, used in uses_atomics.items()

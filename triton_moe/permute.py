@@ -16,6 +16,9 @@ A stable counting sort in three launches, none of which reads anything back to t
    rank counts the earlier pairs of the block with the same expert; the kernel writes
    ``pair_to_row``, ``sorted_pair_ids`` and the ``-1`` tail of ``sorted_pair_ids``.
 
+Small batches (at most ``SINGLE_BLOCK_CONFIG["MAX_PAIRS"]`` pairs) take one launch: a
+single program of kernel 3 counts its pairs itself (``SINGLE_BLOCK``).
+
 Blocks are taken in order and ranks ascend with the pair index, so the order inside an
 expert is ascending pair index: the result is bit-identical to the stable sort of
 ``reference.permute``.
@@ -40,6 +43,10 @@ INVALID_PAIR = tl.constexpr(_INVALID_PAIR)
 # blocks: up to MAX_SCAN_BLOCK blocks per step (P = 8192 * 8 pairs is 1024 blocks: one
 # step) and as many experts as fill the rest of the tile.
 PERMUTE_CONFIG = {"BLOCK_P": 64, "num_warps": 2}
+# Up to this many pairs (M <= 32 tokens at top-8), one program of the scatter kernel does
+# everything (SINGLE_BLOCK): one launch instead of three on the decode path. Its rank
+# matrix is P x P, so the bound stays small.
+SINGLE_BLOCK_CONFIG = {"MAX_PAIRS": 256, "num_warps": 8}
 SCAN_CONFIG = {"SCAN_TILE": 4096, "MAX_SCAN_BLOCK": 1024, "num_warps": 4}
 
 
@@ -127,8 +134,12 @@ def _scatter_kernel(topk_ids_ptr, expert_map_ptr, block_starts_ptr, expert_count
                     expert_offsets_ptr, scale_row_offsets_ptr, sorted_pair_ids_ptr,
                     pair_to_row_ptr, num_pairs, num_experts, num_global_experts, num_blocks,
                     act_block_m, HAS_EXPERT_MAP: tl.constexpr, BLOCK_P: tl.constexpr,
-                    E_PAD: tl.constexpr):
+                    E_PAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
     """Row of every pair: expert start + block start within the expert + in-block rank.
+
+    ``SINGLE_BLOCK``: all pairs fit this one program (small batches), which then counts
+    them itself (kernels 1 and 2 are not launched: two launch latencies saved on the
+    decode path); every block start is 0.
 
     The expert starts are an exclusive prefix sum of the E counts; every program computes
     it (E_PAD values, cheaper than another launch) and takes its pairs' entries with
@@ -148,7 +159,11 @@ def _scatter_kernel(topk_ids_ptr, expert_map_ptr, block_starts_ptr, expert_count
 
     offs_e = tl.arange(0, E_PAD)
     mask_e = offs_e < num_experts
-    counts = tl.load(expert_counts_ptr + offs_e, mask=mask_e, other=0)
+    if SINGLE_BLOCK:
+        counts = tl.histogram(safe_local, E_PAD, mask=valid)
+        tl.store(expert_counts_ptr + offs_e, counts, mask=mask_e)
+    else:
+        counts = tl.load(expert_counts_ptr + offs_e, mask=mask_e, other=0)
     expert_ends = tl.cumsum(counts, axis=0)
     expert_starts = expert_ends - counts
     num_rows = tl.sum(counts, axis=0)
@@ -165,8 +180,11 @@ def _scatter_kernel(topk_ids_ptr, expert_map_ptr, block_starts_ptr, expert_count
     same_earlier = (local[:, None] == local[None, :]) & (idx[None, :] < idx[:, None])
     rank = tl.sum(same_earlier.to(tl.int32), axis=1)
 
-    block_start = tl.load(block_starts_ptr + safe_local.to(tl.int64) * num_blocks + block,
-                          mask=valid, other=0)
+    if SINGLE_BLOCK:
+        block_start = 0
+    else:
+        block_start = tl.load(block_starts_ptr + safe_local.to(tl.int64) * num_blocks + block,
+                              mask=valid, other=0)
     row = tl.gather(expert_starts, safe_local, axis=0) + block_start + rank
     tl.store(pair_to_row_ptr + offs_p, tl.where(valid, row, local), mask=in_range)
     tl.store(sorted_pair_ids_ptr + row, offs_p, mask=valid)
@@ -203,10 +221,20 @@ def permute(topk_ids: torch.Tensor, num_experts: int, *,
         assert expert_map.dtype == torch.int32 and expert_map.is_contiguous()
         expert_map_arg, num_global, has_map = expert_map, expert_map.numel(), True
 
+    e_pad = triton.next_power_of_2(num_experts)
+    if num_pairs <= SINGLE_BLOCK_CONFIG["MAX_PAIRS"]:
+        _scatter_kernel[(1,)](
+            pair_ids, expert_map_arg, expert_counts, expert_counts, expert_offsets,
+            scale_row_offsets, sorted_pair_ids, pair_to_row, num_pairs, num_experts,
+            num_global, 1, act_block_m, HAS_EXPERT_MAP=has_map,
+            BLOCK_P=max(16, triton.next_power_of_2(num_pairs)), E_PAD=e_pad, SINGLE_BLOCK=True,
+            num_warps=SINGLE_BLOCK_CONFIG["num_warps"])
+        return Permutation(expert_counts, expert_offsets, sorted_pair_ids, pair_to_row,
+                           scale_row_offsets)
+
     cfg = PERMUTE_CONFIG
     block_p = cfg["BLOCK_P"]
     num_blocks = triton.cdiv(num_pairs, block_p)
-    e_pad = triton.next_power_of_2(num_experts)
     # Per-block counts, then (in place) the per-block start rows within each expert.
     block_counts = torch.empty(num_experts, num_blocks, dtype=torch.int32, device=device)
 
@@ -223,6 +251,6 @@ def permute(topk_ids: torch.Tensor, num_experts: int, *,
         pair_ids, expert_map_arg, block_counts, expert_counts, expert_offsets,
         scale_row_offsets, sorted_pair_ids, pair_to_row, num_pairs, num_experts,
         num_global, num_blocks, act_block_m, HAS_EXPERT_MAP=has_map, BLOCK_P=block_p,
-        E_PAD=e_pad, num_warps=cfg["num_warps"])
+        E_PAD=e_pad, SINGLE_BLOCK=False, num_warps=cfg["num_warps"])
     return Permutation(expert_counts, expert_offsets, sorted_pair_ids, pair_to_row,
                        scale_row_offsets)
