@@ -39,9 +39,17 @@ def environment(device_name: str) -> dict:
 
 
 def git_commit() -> Optional[str]:
-    """HEAD of the repository (with "-dirty" for uncommitted changes to tracked files), or
-    $GIT_COMMIT, or None where there is no git checkout."""
+    """$GIT_COMMIT if set, else HEAD of the repository this code lives in (with "-dirty"
+    for uncommitted changes to tracked files), else None. A checkout nested in another
+    repository's tree without its own .git (an exported copy) has no commit of its own:
+    git would answer for the outer repository, so that answer is not taken."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != os.path.realpath(REPO_ROOT):
+            return None
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=10)
         if head.returncode == 0 and head.stdout.strip():
@@ -50,7 +58,7 @@ def git_commit() -> Optional[str]:
             return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("GIT_COMMIT") or None
+    return None
 
 
 def make_record(*, backend: str, workload: Workload, dtype: str, env: dict,

@@ -792,7 +792,7 @@ def select_tile(num_rows: int, num_experts: int) -> str:
 
     ``DEFAULT_TILE`` for every P / E: on an H200 at the default workload it beat all other
     variants on both GEMMs, tile-wise and per-token scales (bench/results/
-    cutlass_tiles_2026-11-27.md); the reference design's switch between "large" and
+    2026-11-27_H200_cutlass_tiles.log); the reference design's switch between "large" and
     "small" (``reference_tile``) stays reachable by name."""
     del num_rows, num_experts  # one tile for every batch size (kept: the launcher's hook)
     return DEFAULT_TILE

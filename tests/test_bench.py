@@ -441,3 +441,19 @@ def test_reference_design_options_reach_quantize_weights():
     assert options["scale_rounding"] == "nearest"
     args, _ = parse_args([], has_gpu=False)
     assert "allow_int32_overflow" not in quant_options(args)
+
+
+def test_git_commit_of_an_exported_copy_is_not_the_outer_repository(tmp_path, monkeypatch):
+    """A tree exported into another repository's directory (as sent to a GPU machine)
+    must not report the outer repository's HEAD as its own commit; $GIT_COMMIT names it."""
+    import subprocess
+
+    from bench import report
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.setattr(report, "REPO_ROOT", str(tmp_path / "exported"))
+    (tmp_path / "exported").mkdir()
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    assert report.git_commit() is None
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    assert report.git_commit() == "abc1234"
