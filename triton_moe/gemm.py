@@ -109,6 +109,26 @@ def _tile_scales(ptr, stride, first_block, last_block, gather_blocks,
 
 
 @triton.jit
+def _scale_pair(a_ptr, a_stride, a_first_block, a_last_block, a_gather_blocks,
+                b_ptr, b_stride, b_first_block, b_last_block, b_gather_blocks,
+                BLOCK_M: tl.constexpr, SCALE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SCALE_BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The activation-side and weight-side scales (Q, or F) of one tile for one K-block (or
+    super group), ``a_ptr`` / ``b_ptr`` at that scale column: each a scalar where one scale
+    block covers the tile's side, else a vector shaped to broadcast along the accumulator's
+    M / N axis (``_tile_scales``)."""
+    a = _tile_scales(a_ptr, a_stride, a_first_block, a_last_block, a_gather_blocks,
+                     BLOCK_M, SCALE_BLOCK_M)
+    b = _tile_scales(b_ptr, b_stride, b_first_block, b_last_block, b_gather_blocks,
+                     BLOCK_N, SCALE_BLOCK_N)
+    if SCALE_BLOCK_M % BLOCK_M != 0:
+        a = _along_m(a, SWAP_AB)
+    if SCALE_BLOCK_N % BLOCK_N != 0:
+        b = _along_n(b, SWAP_AB)
+    return a, b
+
+
+@triton.jit
 def grouped_gemm_kernel(
     a_desc, a_qscale_ptr, a_fscale_ptr,
     b_desc, b_qscale_ptr, b_fscale_ptr,
@@ -214,8 +234,6 @@ def grouped_gemm_kernel(
     b_first_block = first_col // SCALE_BLOCK_N
     b_last_block = (n_out - 1) // SCALE_BLOCK_N
     b_gather_blocks = tl.minimum(cols, n_out - 1) // SCALE_BLOCK_N
-    A_VECTOR: tl.constexpr = SCALE_BLOCK_M % BLOCK_M != 0
-    B_VECTOR: tl.constexpr = SCALE_BLOCK_N % BLOCK_N != 0
     b_qscale_ptr += expert.to(tl.int64) * stride_bqe
     b_fscale_ptr += expert.to(tl.int64) * stride_bfe
 
@@ -232,27 +250,21 @@ def grouped_gemm_kernel(
             block_dot = tl.dot(b, a.T, out_dtype=tl.int32)
         else:
             block_dot = tl.dot(a, b.T, out_dtype=tl.int32)
-        q_a = _tile_scales(a_qscale_ptr + kb * stride_aqk, stride_aqm, a_first_block,
-                           a_last_block, a_gather_blocks, BLOCK_M, SCALE_BLOCK_M)
-        q_b = _tile_scales(b_qscale_ptr + kb * stride_bqk, stride_bqn, b_first_block,
-                           b_last_block, b_gather_blocks, BLOCK_N, SCALE_BLOCK_N)
-        if A_VECTOR:
-            q_a = _along_m(q_a, SWAP_AB)
-        if B_VECTOR:
-            q_b = _along_n(q_b, SWAP_AB)
+        q_a, q_b = _scale_pair(
+            a_qscale_ptr + kb * stride_aqk, stride_aqm, a_first_block, a_last_block,
+            a_gather_blocks, b_qscale_ptr + kb * stride_bqk, stride_bqn, b_first_block,
+            b_last_block, b_gather_blocks, BLOCK_M, SCALE_BLOCK_M, BLOCK_N, SCALE_BLOCK_N,
+            SWAP_AB)
         # int32 weighting: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2 (SPEC 5).
         acc_group += block_dot * (q_a * q_b)
         # F of this K-block's super group, loaded every step (cache hits) so that the
         # loads are pipelined with the others instead of stalling the flush.
         group = kb // SUPER_GROUP
-        f_a = _tile_scales(a_fscale_ptr + group * stride_afg, stride_afm, a_first_block,
-                           a_last_block, a_gather_blocks, BLOCK_M, SCALE_BLOCK_M)
-        f_b = _tile_scales(b_fscale_ptr + group * stride_bfg, stride_bfn, b_first_block,
-                           b_last_block, b_gather_blocks, BLOCK_N, SCALE_BLOCK_N)
-        if A_VECTOR:
-            f_a = _along_m(f_a, SWAP_AB)
-        if B_VECTOR:
-            f_b = _along_n(f_b, SWAP_AB)
+        f_a, f_b = _scale_pair(
+            a_fscale_ptr + group * stride_afg, stride_afm, a_first_block, a_last_block,
+            a_gather_blocks, b_fscale_ptr + group * stride_bfg, stride_bfn, b_first_block,
+            b_last_block, b_gather_blocks, BLOCK_M, SCALE_BLOCK_M, BLOCK_N, SCALE_BLOCK_N,
+            SWAP_AB)
         if ((kb % SUPER_GROUP) == SUPER_GROUP - 1) | (kb == NUM_K_BLOCKS - 1):
             # design.md order: acc + (F_A * F_B) * float32(S_g).
             acc = acc + (f_a * f_b) * acc_group.to(tl.float32)
