@@ -128,9 +128,11 @@ def _quantize_fast(values, inv_scale):
 
 @triton.jit
 def _quantize_exact(values, scale):
-    """The oracle's ``int8(rint(clamp(RN(values / scale), -128, 127)))`` (SPEC 4.3)."""
+    """The oracle's ``int8(rint(clamp(RN(values / scale), -128, 127)))`` (SPEC 4.3); the
+    integer is the low byte of ``scaled + RINT_MAGIC``'s bits (no float -> int conversion,
+    an XU-pipe instruction: see ``_quantize_fast``)."""
     scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -128.0), 127.0)
-    return ((scaled + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int8)
+    return (scaled + _RINT_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
