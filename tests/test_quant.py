@@ -478,28 +478,6 @@ def test_kernels_near_tie_quotients(case, scale_rounding, device, monkeypatch):
     assert torch.equal(want[0].float().cpu(), exact)  # and the oracle is the IEEE quotient's
 
 
-@pytest.mark.parametrize("scale_rounding", ref.SCALE_ROUNDINGS)
-def test_per_token_fast_quant_redoes_near_tie_tiles(scale_rounding, device, monkeypatch):
-    """quant_per_token's reciprocal path (the SiLU mode's default), forced on for plain rows
-    whose every K-block has the same absmax, so each row's scale is the constructed s:
-    rows with near ties must come out as the IEEE quotient's integers, in a tile with
-    several tied rows and in tiles of one tied row among untied ones."""
-    monkeypatch.setitem(tri_pt.PER_TOKEN_CONFIG, "fast_quant",
-                        {mode: True for mode in tri_pt.MODES})
-    monkeypatch.setitem(tri_pt.PER_TOKEN_CONFIG, "max_tile_values",
-                        {mode: 2 * BLOCK_K for mode in tri_pt.MODES})  # 2-row tiles
-    num_rows, tie_rows = 9, [0, 1, 4, 8]
-    x, s = _near_tie_rows(num_rows, 1, tie_rows, seed=11)
-    x[:, ::BLOCK_K] = x[0, 0]  # absmax A in every row
-    fast = torch.round(torch.clamp(x * (torch.ones(()) / s), -128, 127))
-    exact = torch.round(torch.clamp(x / s, -128, 127))
-    assert set((fast != exact).any(dim=1).nonzero().flatten().tolist()) == set(tie_rows)
-    segments = _segments([num_rows], 1, device)
-    got, want = _run_plain(x.to(device), *segments, _opts(1, 1, scale_rounding))
-    _assert_same(got, want, *segments)
-    assert torch.equal(want[0].float().cpu(), exact)
-
-
 def test_silu_extreme_rows(device, monkeypatch):
     """SiLU rows with values at the edges: gate -85 (exp(85) near the fp32 limit) with a
     huge up holding a block's absmax, equal largest values, a block of values below

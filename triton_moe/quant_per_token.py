@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from reference.quant import SCALE_EPS, SCALE_ROUNDINGS
-from triton_moe.quant import _quantize_exact, _quantize_fast, _silu_mul
+from triton_moe.quant import _quantize_exact, _silu_mul
 
 _SCALE_EPS = tl.constexpr(SCALE_EPS)
 _RINT_MAGIC = tl.constexpr(12582912.0)  # see triton_moe.quant
@@ -42,15 +42,9 @@ MODES = ("scatter", "gather", "plain", "silu")
 # the 35B-A3B shape (CUDA graph, us; tile values / values per thread): scatter 2048/16
 # 60.8, 4096/16 61.1, 1024/16 59.6, 2048/8 62.5; SiLU 1024/8 113.4, 2048/8 117.7,
 # 4096/8 129.0, 2048/4 148.2, 4096/16 132.2.
-# "fast_quant": divide by multiplying with the block's reciprocal (``quant._quantize_fast``)
-# and redo a tile with the IEEE division only where a value may sit at a near tie. SiLU
-# outputs (24-bit mantissas) almost never do, and that mode is bound by instruction issue
-# (ncu: XU pipe 55% busy with the reciprocals and conversions); 16-bit inputs hit near
-# ties often (a value at half its block's absmax), so the other modes divide directly.
 PER_TOKEN_CONFIG = {
     "max_tile_values": {"scatter": 2048, "gather": 2048, "plain": 2048, "silu": 1024},
     "values_per_thread": {"scatter": 16, "gather": 16, "plain": 16, "silu": 8},
-    "fast_quant": {"scatter": False, "gather": False, "plain": False, "silu": True},
 }
 
 
@@ -93,7 +87,7 @@ def _quantize_rows_kernel(
         MODE: tl.constexpr, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, Q_MAX: tl.constexpr,
         ROUNDING: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_BLOCKS: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr, FAST_QUANT: tl.constexpr):
+        BLOCK_ROWS: tl.constexpr):
     """Quantize rows ``[pid0 * BLOCK_ROWS, +BLOCK_ROWS)`` over super group ``pid1``.
 
     Source rows are tokens ("scatter", ``num_src_rows`` = M) or permuted rows (the other
@@ -108,9 +102,7 @@ def _quantize_rows_kernel(
     axis, which Triton lays within a warp: no barrier), then ``s``, ``F`` and ``Q`` per row
     (SPEC 4.2). NaN is tracked apart (``tl.max`` ignores it) and makes the row's ``F``
     NaN, as torch's ``amax`` does in the oracle. Pass 2 divides by the block's scale
-    (IEEE ``div_rn``; with ``FAST_QUANT`` a multiply by its reciprocal, the tile redone
-    with the division where ``quant._quantize_fast`` flags a possible near tie) and rounds
-    half to even: the oracle's bits. A super group that fits
+    (IEEE ``div_rn``) and rounds half to even: the oracle's bits. A super group that fits
     one K-tile (``ONE_TILE``) is loaded once and kept in registers between the passes.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -169,7 +161,6 @@ def _quantize_rows_kernel(
         qscale = tl.minimum(tl.maximum((ratio + _RINT_MAGIC) - _RINT_MAGIC, 0.0), Q_MAX)
         scale = s  # int8 values keep s; the GEMM applies Q*F (reference design)
     scale = tl.where(in_group[None, :], scale, 1.0)
-    inv_scale = tl.math.div_rn(tl.full([BLOCK_ROWS, GROUP_PAD], 1.0, tl.float32), scale)
     qscale = qscale.to(tl.int32)
 
     # Pass 2: int8 values; stored (with Q and F) at every destination row.
@@ -181,21 +172,12 @@ def _quantize_rows_kernel(
         if ONE_TILE:
             values = kept
             tile_scale = scale
-            tile_inv = inv_scale
         else:
             values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols,
                                 col_mask, stride_src_m, num_cols, MODE, TOP_K)
             tile_scale = _tile_of_group(scale, offs_g, tile_blocks)
-            tile_inv = _tile_of_group(inv_scale, offs_g, tile_blocks)
         tile_scale = tl.broadcast_to(tile_scale[:, :, None], [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
-        if FAST_QUANT:
-            tile_inv = tl.broadcast_to(tile_inv[:, :, None], [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
-            a_q, tie_score = _quantize_fast(values.to(tl.float32), tile_inv)
-            # One value near a tie (or NaN) anywhere in the tile: the IEEE quotients instead.
-            if tl.sum(tl.sum((~(tie_score < 0.5)).to(tl.int32), axis=1), axis=0) > 0:
-                a_q = _quantize_exact(values.to(tl.float32), tile_scale)
-        else:
-            a_q = _quantize_exact(values.to(tl.float32), tile_scale)
+        a_q = _quantize_exact(values.to(tl.float32), tile_scale)
         mask = col_mask[None, :, :]
         if MODE == "scatter":
             for j in tl.static_range(TOP_K):
@@ -233,7 +215,7 @@ def per_token_config(mode: str, num_blocks: int, super_group_size: int, block_k:
     threads = block_rows * tile_blocks * block_k // PER_TOKEN_CONFIG["values_per_thread"][mode]
     num_warps = min(16, max(1, triton.next_power_of_2(threads) // 32))
     return dict(GROUP_PAD=group_pad, TILE_BLOCKS=tile_blocks, BLOCK_ROWS=block_rows,
-                FAST_QUANT=PER_TOKEN_CONFIG["fast_quant"][mode], num_warps=num_warps)
+                num_warps=num_warps)
 
 
 def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
