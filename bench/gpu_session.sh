@@ -27,8 +27,8 @@ if [[ $what == extra || $what == all ]]; then
   timeout 120 python3 -m bench --shape qwen3-30b-a3b,mixtral-8x7b,deepseek-v3 \
     --num-tokens 1024 --backends triton,cutlass,bf16 --iters 30 --json "$OUT/shapes.json" \
     2>&1 | tee "$OUT/shapes.log" | grep -E "^(triton|cutlass|bf16) " | tail -n 12
-  for variant in "--scale-rounding nearest --super-group-size 256 --allow-int32-overflow" \
-                 "--act-block-m 1" "--scale-rounding nearest --super-group-size 4"; do
+  for variant in "--scale-rounding nearest --super-group-size 256 --allow-int32-overflow --act-block-m auto" \
+                 "--act-block-m auto" "--scale-rounding nearest --super-group-size 4"; do
     tag=$(echo "$variant" | tr -d '-' | tr ' ' '_')
     timeout 60 python3 -m bench --backends triton $variant --iters 30 \
       --json "$OUT/variant_$tag.json" 2>&1 | grep -E "^triton " | sed "s/^/[$variant] /"
