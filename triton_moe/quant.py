@@ -59,28 +59,21 @@ _LAST_TIE_BIT = tl.constexpr(62)
 
 
 @triton.jit
-def _row_offsets(sorted_pair_ids_ptr, rows, row_mask, stride_src_m, MODE: tl.constexpr,
-                 TOP_K: tl.constexpr):
-    """int64 offsets of the source rows of permuted rows ``rows`` (int64)."""
+def _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask, stride_src_m,
+               num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr):
+    """Values ``[BLOCK_ROWS, TILE_BLOCKS, BLOCK_K]`` of the matrix being quantized at rows
+    ``rows`` (int64; ``row_mask`` says which exist) and output columns ``cols`` (int32
+    ``[TILE_BLOCKS, BLOCK_K]``), zero where masked: the source dtype for "plain",
+    "gather" and "scatter" (converted where used, so a kept tile costs 16-bit registers),
+    fp32 ``silu(gate) * up`` for "silu". In "gather", permuted row r reads token row
+    ``sorted_pair_ids[r] // TOP_K``; otherwise row r itself. Shared with
+    ``quant_per_token``."""
     if MODE == "gather":
         pair = tl.load(sorted_pair_ids_ptr + rows, mask=row_mask, other=0)
         src_rows = pair.to(tl.int64) // TOP_K
     else:
         src_rows = rows
-    return src_rows * stride_src_m
-
-
-@triton.jit
-def _load_values(src_ptr, sorted_pair_ids_ptr, rows, row_end, cols, col_mask, stride_src_m,
-                 num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr):
-    """Values ``[BLOCK_ROWS, TILE_BLOCKS, BLOCK_K]`` of the matrix being quantized at
-    permuted rows ``rows`` (int64, those ``>= row_end`` masked) and output columns ``cols``
-    (int32 ``[TILE_BLOCKS, BLOCK_K]``), zero where masked: the source dtype for
-    "plain"/"gather" (converted where used, so a kept tile costs 16-bit registers), fp32
-    ``silu(gate) * up`` for "silu"."""
-    row_mask = rows < row_end
-    row_offs = _row_offsets(sorted_pair_ids_ptr, rows, row_mask, stride_src_m, MODE, TOP_K)
-    ptrs = src_ptr + row_offs[:, None, None] + cols[None, :, :]
+    ptrs = src_ptr + (src_rows * stride_src_m)[:, None, None] + cols[None, :, :]
     mask = row_mask[:, None, None] & col_mask[None, :, :]
     if MODE == "silu":
         gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -234,8 +227,9 @@ def _quantize_act_kernel(
         row_amax = tl.full([BLOCK_ROWS, TILE_BLOCKS], 0.0, tl.float32)
         row = row_start
         while row < row_end:
-            values = _load_values(src_ptr, sorted_pair_ids_ptr, row + offs_r, row_end, cols,
-                                  col_mask, stride_src_m, num_cols, MODE, TOP_K)
+            rows = row + offs_r
+            values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, rows < row_end, cols,
+                                col_mask, stride_src_m, num_cols, MODE, TOP_K)
             values_f32 = values.to(tl.float32)
             row_amax = tl.maximum(row_amax, tl.max(tl.abs(values_f32), axis=2))
             any_nan = tl.maximum(any_nan, tl.max((values_f32 != values_f32).to(tl.int32)))
@@ -298,8 +292,8 @@ def _quantize_act_kernel(
         row = row_start
         while row < last_row:
             rows = row + offs_r
-            values = _load_values(src_ptr, sorted_pair_ids_ptr, rows, row_end, cols,
-                                  col_mask, stride_src_m, num_cols, MODE, TOP_K)
+            values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, rows < row_end, cols,
+                                col_mask, stride_src_m, num_cols, MODE, TOP_K)
             a_q, tie_score = _quantize_fast(values.to(tl.float32), tile_inv)
             tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :], a_q,
                      mask=(rows < row_end)[:, None, None] & col_mask[None, :, :])
@@ -327,8 +321,8 @@ def _quantize_act_kernel(
                 row = first
                 while row < last:
                     rows = row + offs_r
-                    values = _load_values(src_ptr, sorted_pair_ids_ptr, rows, last, cols,
-                                          col_mask, stride_src_m, num_cols, MODE, TOP_K)
+                    values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, rows < last, cols,
+                                        col_mask, stride_src_m, num_cols, MODE, TOP_K)
                     tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :],
                              _quantize_exact(values.to(tl.float32), tile_scale),
                              mask=(rows < last)[:, None, None] & col_mask[None, :, :])
@@ -345,14 +339,22 @@ def act_quant_config(mode: str, act_block_m: int, num_blocks: int, super_group_s
     ``expected_rows``: rows a scale block is expected to hold (the launchers pass twice
     the mean rows per expert, ``2 * ceil(P / E)``); ``None`` plans for ``act_block_m``.
     """
-    max_values = ACT_QUANT_CONFIG["max_tile_values"][mode]
+    rows = act_block_m if expected_rows is None else max(1, min(act_block_m, expected_rows))
+    return tile_config(ACT_QUANT_CONFIG["max_tile_values"][mode],
+                       ACT_QUANT_CONFIG["values_per_thread"][mode], num_blocks,
+                       super_group_size, block_k, rows)
+
+
+def tile_config(max_values: int, values_per_thread: int, num_blocks: int,
+                super_group_size: int, block_k: int, rows: int) -> dict:
+    """A [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K] tile of at most ``max_values`` values: a whole
+    super group when it fits, then as many rows as fit, no more than ``rows``; warps from
+    ``values_per_thread``. Shared with ``quant_per_token``."""
     group_pad = triton.next_power_of_2(min(super_group_size, num_blocks))
     tile_blocks = min(group_pad, max(1, max_values // block_k))
-    rows = act_block_m if expected_rows is None else max(1, min(act_block_m, expected_rows))
-    block_rows = min(triton.next_power_of_2(rows),
+    block_rows = min(triton.next_power_of_2(max(rows, 1)),
                      max(1, max_values // (tile_blocks * block_k)))
-    tile_values = block_rows * tile_blocks * block_k
-    threads = tile_values // ACT_QUANT_CONFIG["values_per_thread"][mode]
+    threads = block_rows * tile_blocks * block_k // values_per_thread
     num_warps = min(16, max(1, triton.next_power_of_2(threads) // 32))
     return dict(GROUP_PAD=group_pad, TILE_BLOCKS=tile_blocks, BLOCK_ROWS=block_rows,
                 num_warps=num_warps)

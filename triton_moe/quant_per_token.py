@@ -28,11 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from reference.quant import SCALE_EPS, SCALE_ROUNDINGS
-from triton_moe.quant import _quantize_exact, _silu_mul
-
-_SCALE_EPS = tl.constexpr(SCALE_EPS)
-_RINT_MAGIC = tl.constexpr(12582912.0)  # see triton_moe.quant
+from reference.quant import SCALE_ROUNDINGS
+from triton_moe.quant import _RINT_MAGIC, _SCALE_EPS, _load_rows, _quantize_exact, tile_config
 
 MODES = ("scatter", "gather", "plain", "silu")
 
@@ -46,28 +43,6 @@ PER_TOKEN_CONFIG = {
     "max_tile_values": {"scatter": 2048, "gather": 2048, "plain": 2048, "silu": 1024},
     "values_per_thread": {"scatter": 16, "gather": 16, "plain": 16, "silu": 8},
 }
-
-
-@triton.jit
-def _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask, stride_src_m,
-               num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr):
-    """Values ``[BLOCK_ROWS, TILE_BLOCKS, BLOCK_K]`` of rows ``rows`` (int64) at columns
-    ``cols`` (int32 ``[TILE_BLOCKS, BLOCK_K]``), zero where masked: the source dtype, or
-    fp32 ``silu(gate) * up`` in the "silu" mode."""
-    if MODE == "gather":
-        pair = tl.load(sorted_pair_ids_ptr + rows, mask=row_mask, other=0)
-        src_rows = pair.to(tl.int64) // TOP_K
-    else:
-        src_rows = rows
-    ptrs = src_ptr + (src_rows * stride_src_m)[:, None, None] + cols[None, :, :]
-    mask = row_mask[:, None, None] & col_mask[None, :, :]
-    if MODE == "silu":
-        gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(ptrs + num_cols, mask=mask, other=0.0).to(tl.float32)
-        values = _silu_mul(gate, up)
-    else:
-        values = tl.load(ptrs, mask=mask, other=0.0)
-    return values
 
 
 @triton.jit
@@ -205,17 +180,11 @@ def _quantize_rows_kernel(
 
 def per_token_config(mode: str, num_blocks: int, super_group_size: int, block_k: int,
                      num_rows: int) -> dict:
-    """Tile shape and warps, from shapes only: a whole super group per tile when it fits
-    ``max_tile_values``, then as many rows as fit (no more than there are)."""
-    max_values = PER_TOKEN_CONFIG["max_tile_values"][mode]
-    group_pad = triton.next_power_of_2(min(super_group_size, num_blocks))
-    tile_blocks = min(group_pad, max(1, max_values // block_k))
-    block_rows = min(triton.next_power_of_2(max(num_rows, 1)),
-                     max(1, max_values // (tile_blocks * block_k)))
-    threads = block_rows * tile_blocks * block_k // PER_TOKEN_CONFIG["values_per_thread"][mode]
-    num_warps = min(16, max(1, triton.next_power_of_2(threads) // 32))
-    return dict(GROUP_PAD=group_pad, TILE_BLOCKS=tile_blocks, BLOCK_ROWS=block_rows,
-                num_warps=num_warps)
+    """Tile shape and warps from shapes only (``quant.tile_config``), no more rows than
+    there are."""
+    return tile_config(PER_TOKEN_CONFIG["max_tile_values"][mode],
+                       PER_TOKEN_CONFIG["values_per_thread"][mode], num_blocks,
+                       super_group_size, block_k, num_rows)
 
 
 def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
