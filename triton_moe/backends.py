@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 BACKENDS = ("triton", "cutlass", "torch")
 DEFAULT_BACKEND = "triton"
@@ -27,7 +28,8 @@ class BackendUnavailableError(RuntimeError):
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """$TRITON_INTERPRET as Triton itself reads it ("1", "true", "on", ...)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 def resolve_backend(backend: str | None = None) -> str:

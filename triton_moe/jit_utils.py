@@ -3,14 +3,13 @@
 Each gives the same bits compiled and under the Triton interpreter, where some of
 Triton's own conversions differ from compiled code and from torch.
 """
-import os
-
 import triton
 import triton.language as tl
 
-# The Triton interpreter is chosen by this variable before triton is imported, for the
-# whole process; kernels branch on it at compile time.
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# Whether kernels run under the Triton interpreter, as Triton itself reads
+# $TRITON_INTERPRET (set before triton is imported, for the whole process); kernels branch
+# on it at compile time.
+INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 
 
 @triton.jit
