@@ -293,8 +293,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, has_gpu: bool = True):
 
 
 def gpu_present() -> bool:
-    """A CUDA device usable for compiled Triton (TRITON_INTERPRET=1 counts as none)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """A CUDA device usable for compiled Triton (the interpreter switched on counts as none)."""
+    from triton_moe.backends import triton_interpreter_enabled
+
+    if triton_interpreter_enabled():
         return False
     import torch
     return torch.cuda.is_available()

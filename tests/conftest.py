@@ -20,7 +20,9 @@ if not os.environ.get("TRITON_INTERPRET"):
 
 import torch  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+from triton_moe.backends import triton_interpreter_enabled  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available() and not triton_interpreter_enabled()
 
 
 def pytest_collection_modifyitems(config, items):
