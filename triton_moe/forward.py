@@ -42,9 +42,10 @@ def moe_forward_triton(hidden_states: torch.Tensor, weights, topk_weights: torch
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return hidden_states.new_empty(hidden_states.shape)
-    quant_opts = dict(act_block_m=act_block_m, block_k=cfg.block_k, q_max=cfg.q_max,
+    scale_opts = dict(block_k=cfg.block_k, q_max=cfg.q_max,
                       super_group_size=cfg.super_group_size,
                       scale_rounding=cfg.scale_rounding)
+    quant_opts = dict(scale_opts, act_block_m=act_block_m)
     gemm_opts = dict(act_block_m=act_block_m, block_n=cfg.block_n, block_k=cfg.block_k,
                      super_group_size=cfg.super_group_size, out_dtype=hidden_states.dtype)
 
@@ -54,8 +55,7 @@ def moe_forward_triton(hidden_states: torch.Tensor, weights, topk_weights: torch
     if act_block_m == 1:
         # Per-token scales: each token is quantized once and stored at its top_k rows.
         a_q, a_qscale, a_fscale = quantize_scatter(
-            hidden_states, perm.pair_to_row, perm.expert_offsets, top_k=top_k,
-            **{k: v for k, v in quant_opts.items() if k != "act_block_m"})
+            hidden_states, perm.pair_to_row, perm.expert_offsets, top_k=top_k, **scale_opts)
     else:
         a_q, a_qscale, a_fscale = permute_quantize(
             hidden_states, perm.sorted_pair_ids, perm.expert_offsets,
