@@ -2,6 +2,9 @@
 
     permute -> gather+quantize -> GEMM1 -> SiLU*up+quantize -> GEMM2 -> un-permute
 
+A few tokens with per-token scales take ``triton_moe.decode`` instead: the same
+arithmetic in two launches (GEMM1+SiLU per pair, then GEMM2+combine per token).
+
 With per-token activation scales (``act_block_m = 1``) the first quantization runs per
 token and stores each result at the token's top_k rows (``quant_per_token``).
 
@@ -16,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from triton_moe.decode import decode_fits, moe_forward_decode
+from triton_moe.gemm import grouped_gemm as triton_grouped_gemm
 from triton_moe.permute import permute
 from triton_moe.quant import permute_quantize, silu_mul_quantize
 from triton_moe.quant_per_token import quantize_scatter
@@ -30,18 +35,36 @@ def moe_forward_triton(hidden_states: torch.Tensor, weights, topk_weights: torch
                        topk_ids: torch.Tensor, *, act_block_m: int,
                        expert_map: torch.Tensor | None = None,
                        gemm: Callable | None = None,
-                       stage_callback: Callable[[str], None] | None = None) -> torch.Tensor:
+                       stage_callback: Callable[[str], None] | None = None,
+                       decode: bool | None = None) -> torch.Tensor:
     """Run the forward on validated inputs (see ``triton_moe.api.moe_forward``).
 
     ``topk_ids`` int32 [M, top_k]; ``act_block_m`` already resolved to an int.
+    ``decode``: take the two-launch small-batch path (``triton_moe.decode``); default:
+    when it applies (per-token scales, Triton's GEMM, ``decode_fits``). Both paths give
+    the same results.
     """
     if gemm is None:
-        from triton_moe.gemm import grouped_gemm as gemm
+        gemm = triton_grouped_gemm
     stage = stage_callback or _no_callback
     cfg = weights.config
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return hidden_states.new_empty(hidden_states.shape)
+    if decode is None:
+        decode = (act_block_m == 1 and gemm is triton_grouped_gemm
+                  and decode_fits(num_tokens, top_k, weights.hidden_size,
+                                  weights.intermediate_size, cfg.block_k,
+                                  cfg.super_group_size))
+    if decode:
+        if act_block_m != 1:
+            raise ValueError(f"the decode path needs per-token activation scales "
+                             f"(act_block_m=1), got act_block_m={act_block_m}")
+        stage("decode_gate_up")  # the two launches are both stages of this path
+        out = moe_forward_decode(hidden_states, weights, topk_weights, topk_ids,
+                                 expert_map=expert_map, stage_callback=stage)
+        stage("end")
+        return out
     scale_opts = dict(block_k=cfg.block_k, q_max=cfg.q_max,
                       super_group_size=cfg.super_group_size,
                       scale_rounding=cfg.scale_rounding)

@@ -1,0 +1,194 @@
+"""The two-launch small-batch path (``triton_moe.decode``) against the general pipeline.
+
+Both compute the same per-token quantization, the same exact integer K-block dots and
+the same float steps in the same order, so under the interpreter they agree bit for bit
+(NaN where NaN). Compiled, the decode kernels' super-group flush is an explicit FMA,
+which the general GEMM's compiled code is expected to contract to as well; the GPU tier
+checks the agreement there (and the reference within the forward's tolerance).
+"""
+import pytest
+import torch
+
+import triton_moe
+from tests.aot import compile_for_hopper, run_without_interpreter
+from triton_moe import decode, forward
+
+FORWARD_TOLERANCE = 2e-3  # tests/test_forward.py: relative L2 vs the reference emulation
+# Fewer, larger programs: the interpreter's time grows with the program count.
+FAST = dict(BLOCK_N=128, BLOCK_OUT=128)
+
+
+def _problem(num_tokens, hidden, inter, num_experts, top_k, *, dtype=torch.bfloat16,
+             device="cpu", seed=0, **quant):
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) * 0.02
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen) * 0.02
+    x = (torch.randn(num_tokens, hidden, generator=gen) * 2).to(dtype)
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    topk_weights, topk_ids = triton_moe.route(logits, top_k, backend="torch")
+    weights = triton_moe.quantize_weights(w13.to(device), w2.to(device), **quant)
+    return (x.to(device), weights, topk_weights.to(device),
+            topk_ids.to(torch.int32).to(device))
+
+
+def _general(x, weights, topk_weights, topk_ids, expert_map=None):
+    return forward.moe_forward_triton(x, weights, topk_weights, topk_ids, act_block_m=1,
+                                      expert_map=expert_map, decode=False)
+
+
+def _assert_same(got, expected):
+    """Bit for bit under the interpreter; on the GPU the same NaN pattern and a relative
+    L2 difference far below the quantization error."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    if got.device.type == "cpu":
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+        return
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(got), nan)
+    diff = (got[~nan].float() - expected[~nan].float()).norm()
+    assert diff <= 1e-4 * expected[~nan].float().norm()
+
+
+CASES = {
+    # name: (M, K, N, E, top_k, quantization options)
+    "bf16_topk3": (2, 256, 128, 6, 3, {}),
+    "one_token_top1": (1, 256, 256, 4, 1, {}),
+    "nearest_g256": (2, 256, 128, 4, 2, dict(scale_rounding="nearest", super_group_size=256,
+                                             allow_int32_overflow=True)),
+    "partial_super_group": (2, 384, 384, 4, 2, dict(super_group_size=2)),
+    "block_n16": (2, 256, 128, 4, 2, dict(block_n=16)),
+    "block_k64": (2, 192, 128, 4, 2, dict(block_k=64, block_n=32)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_matches_general_path(case, device):
+    num_tokens, hidden, inter, num_experts, top_k, quant = CASES[case]
+    x, weights, tw, ti = _problem(num_tokens, hidden, inter, num_experts, top_k,
+                                  device=device, **quant)
+    got = decode.moe_forward_decode(x, weights, tw, ti, config=FAST)
+    _assert_same(got, _general(x, weights, tw, ti))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_dtypes(dtype, device):
+    x, weights, tw, ti = _problem(2, 256, 128, 4, 2, dtype=dtype, device=device, seed=1)
+    got = decode.moe_forward_decode(x, weights, tw, ti, config=FAST)
+    assert got.dtype == dtype
+    _assert_same(got, _general(x, weights, tw, ti))
+
+
+def test_decode_default_tiles_through_the_api(device):
+    """The default config (several programs per pair and per token), chosen by the
+    forward itself, against the reference emulation and the general path."""
+    x, weights, tw, ti = _problem(2, 128, 128, 4, 2, device=device, seed=2)
+    stages = []
+    got = triton_moe.moe_forward(x, weights, tw, ti, backend="triton",
+                                 stage_callback=stages.append)
+    assert stages == ["decode_gate_up", "decode_down", "end"]
+    _assert_same(got, _general(x, weights, tw, ti))
+    ref = triton_moe.moe_forward(x, weights, tw, ti, backend="torch")
+    rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < FORWARD_TOLERANCE
+
+
+def test_decode_expert_map_and_invalid_ids(device):
+    """Pairs dropped by ``expert_map`` add nothing; an out-of-range id makes only its
+    token NaN, as in the general path."""
+    x, weights, tw, _ = _problem(3, 256, 128, 4, 2, device=device, seed=3)
+    expert_map = torch.tensor([-1, 0, -1, 1, 2, -1, 3, -1], dtype=torch.int32, device=device)
+    ids = torch.tensor([[1, 3], [0, 2], [6, 9]], dtype=torch.int32, device=device)
+    got = decode.moe_forward_decode(x, weights, tw, ids, expert_map=expert_map, config=FAST)
+    expected = _general(x, weights, tw, ids, expert_map=expert_map)
+    _assert_same(got, expected)
+    assert torch.isnan(got[2]).all() and not torch.isnan(got[:2]).any()
+    assert torch.equal(got[1], torch.zeros_like(got[1]))  # both pairs dropped
+
+
+def test_decode_nan_input_poisons_only_its_token(device):
+    x, weights, tw, ti = _problem(3, 256, 128, 4, 2, device=device, seed=4)
+    x[1, 5] = float("nan")
+    got = decode.moe_forward_decode(x, weights, tw, ti, config=FAST)
+    _assert_same(got, _general(x, weights, tw, ti))
+    assert torch.isnan(got[1]).all() and not torch.isnan(got[[0, 2]]).any()
+
+
+def test_decode_dispatch():
+    """Which calls take the decode path (host ints only)."""
+    assert decode.decode_fits(1, 8, 2048, 512, 128, 4)
+    assert not decode.decode_fits(decode.DECODE_CONFIG["max_pairs"] // 8 + 1, 8, 2048, 512,
+                                  128, 4)
+    assert not decode.decode_fits(1, 2, 4096, 14336, 128, 4)  # Mixtral's h rows: too wide
+    assert decode.decode_fits(1, 8, 7168, 256, 128, 4)  # DeepSeek-V3-like K fits
+
+
+def test_forward_takes_general_path_for_tile_scales_and_large_batches(device):
+    x, weights, tw, ti = _problem(2, 128, 128, 4, 2, device=device, seed=5, act_block_m=64)
+    stages = []
+    triton_moe.moe_forward(x, weights, tw, ti, backend="triton", stage_callback=stages.append)
+    assert stages[0] == "permute_quantize"
+    with pytest.raises(ValueError, match="act_block_m=1"):
+        forward.moe_forward_triton(x, weights, tw, ti, act_block_m=64, decode=True)
+
+
+# ----------------------------------------------------------------------------- sm_90
+def _aot_main():
+    """Child-process entry: compile both kernels for sm_90, return PTX facts."""
+    import triton.language as tl
+
+    common = dict(HAS_EXPERT_MAP=False, TOP_K=8, BLOCK_K=128, SUPER_GROUP=4, Q_MAX=16,
+                  ROUNDING="consistent", SCALE_BLOCK_N=64, PAD=decode.MMA_MIN,
+                  GEMM_DTYPE=tl.bfloat16)
+    ints = ("num_pairs num_experts num_global_experts stride_we stride_wn stride_wqe "
+            "stride_wqn stride_wqk stride_wfe stride_wfn stride_wfg stride_hm").split()
+    pointers = dict(topk_ids_ptr="*i32", expert_map_ptr="*i32", w_ptr="*i8",
+                    w_qscale_ptr="*i32", w_fscale_ptr="*fp32", h_ptr="*fp32")
+    conf = decode.DECODE_CONFIG
+    gate_up = compile_for_hopper(
+        decode._gate_up_kernel,
+        dict({n: "i32" for n in ints + ["inter", "stride_xm"]}, x_ptr="*bf16", **pointers),
+        dict(common, NUM_BLOCKS=16, GROUPS_PAD=4, GROUP_PAD=4, BLOCK_N=conf["BLOCK_N"],
+             NUM_STAGES=conf["gate_up_stages"]),
+        num_warps=conf["gate_up_warps"], num_stages=conf["gate_up_stages"])
+    down = compile_for_hopper(
+        decode._down_kernel,
+        dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_om"]},
+             topk_weights_ptr="*fp32", out_ptr="*bf16", **pointers),
+        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, GROUPS_PAD=1, GROUP_PAD=4,
+             BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"]),
+        num_warps=conf["down_warps"], num_stages=conf["down_stages"], enable_fp_fusion=False)
+    facts = {}
+    for name, kernel in (("gate_up", gate_up), ("down", down)):
+        ptx = kernel.asm["ptx"]
+        facts[name] = {"int8_mma": "mma.sync.aligned.m16n8k32.row.col" in ptx and ".s8.s8" in ptx,
+                       "fma": "fma.rn.f32" in ptx, "div_rn": "div.rn.f32" in ptx,
+                       "approx_div": "div.full.f32" in ptx or "div.approx.f32" in ptx,
+                       "fp64_exp": "fma.rn.f64" in ptx, "cp_async": "cp.async" in ptx}
+    return facts
+
+
+def test_decode_kernels_compile_for_sm90():
+    facts = run_without_interpreter("tests.test_decode", "_aot_main")
+    for name, fact in facts.items():
+        assert fact["int8_mma"], name  # the GEMVs run on the tensor cores
+        assert fact["fma"], name  # the explicit super-group flush
+        assert fact["div_rn"] and not fact["approx_div"], name  # IEEE scales (SPEC 4)
+        assert fact["cp_async"], name  # weight loads software-pipelined
+    assert facts["gate_up"]["fp64_exp"]  # SiLU's exp is the oracle's fp64 one
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 2])
+@pytest.mark.parametrize("shape", ["35B-A3B", "qwen3-30b-a3b"])
+def test_gpu_decode_real_sizes(num_tokens, shape):
+    from bench.shapes import PRESETS
+
+    spec = PRESETS[shape]
+    x, weights, tw, ti = _problem(num_tokens, spec.hidden, spec.intermediate,
+                                  spec.num_experts, spec.top_k, device="cuda", seed=6)
+    got = decode.moe_forward_decode(x, weights, tw, ti)
+    _assert_same(got, _general(x, weights, tw, ti))
+    ref = triton_moe.moe_forward(x, weights, tw, ti, backend="torch")
+    rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < FORWARD_TOLERANCE
