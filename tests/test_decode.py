@@ -118,8 +118,10 @@ def test_decode_dispatch():
     assert decode.decode_fits(1, 8, 2048, 512, 128, 4)
     assert not decode.decode_fits(decode.DECODE_CONFIG["max_pairs"] // 8 + 1, 8, 2048, 512,
                                   128, 4)
-    assert not decode.decode_fits(1, 2, 4096, 14336, 128, 4)  # Mixtral's h rows: too wide
-    assert decode.decode_fits(1, 8, 7168, 256, 128, 4)  # DeepSeek-V3-like K fits
+    assert decode.decode_fits(1, 8, 7168, 2048, 128, 4)  # DeepSeek-V3
+    assert decode.decode_fits(1, 2, 4096, 14336, 128, 4)  # Mixtral
+    # the reference design's G = 256: a super group of 8 h rows is 16 x 8 x 128 values
+    assert not decode.decode_fits(1, 8, 2048, 2048, 128, 256)
 
 
 def test_forward_takes_general_path_for_tile_scales_and_large_batches(device):
@@ -147,14 +149,14 @@ def _aot_main():
     gate_up = compile_for_hopper(
         decode._gate_up_kernel,
         dict({n: "i32" for n in ints + ["inter", "stride_xm"]}, x_ptr="*bf16", **pointers),
-        dict(common, NUM_BLOCKS=16, GROUPS_PAD=4, GROUP_PAD=4, BLOCK_N=conf["BLOCK_N"],
+        dict(common, NUM_BLOCKS=16, GROUP_PAD=4, BLOCK_N=conf["BLOCK_N"],
              NUM_STAGES=conf["gate_up_stages"]),
         num_warps=conf["gate_up_warps"], num_stages=conf["gate_up_stages"])
     down = compile_for_hopper(
         decode._down_kernel,
         dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_om"]},
              topk_weights_ptr="*fp32", out_ptr="*bf16", **pointers),
-        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, GROUPS_PAD=1, GROUP_PAD=4,
+        dict(common, TOP_K_PAD=8, NUM_BLOCKS=16, GROUP_PAD=4,
              BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"]),
         num_warps=conf["down_warps"], num_stages=conf["down_stages"], enable_fp_fusion=False)
     facts = {}

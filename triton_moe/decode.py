@@ -40,12 +40,12 @@ from triton_moe.jit_utils import to_output_dtype
 
 # Configs as data. ``max_pairs``: up to this many (token, expert) pairs take this path
 # (M * top_k; measured against the general path, bench/results/decode_tuning.md).
-# ``max_row_values``: the padded values of one quantized row a program holds at once
-# (the x row in kernel 1, top_k h rows in kernel 2); larger rows take the general path.
+# ``max_group_values``: values of one super group of the top_k h rows, which a program of
+# ``_down_kernel`` quantizes at once; wider super groups take the general path.
 # BLOCK_N / BLOCK_OUT: weight rows per program (more programs to stream the weights).
 DECODE_CONFIG = {
     "max_pairs": 16,
-    "max_row_values": 8192,
+    "max_group_values": 8192,
     "BLOCK_N": 32, "gate_up_warps": 4, "gate_up_stages": 4,
     "BLOCK_OUT": 16, "down_warps": 4, "down_stages": 2,
 }
@@ -65,25 +65,27 @@ def _flush(acc, f_ab, group_sum):
 
 
 @triton.jit
-def _row_scales(row_ptr, blocks, in_group, BLOCK_K: tl.constexpr, Q_MAX: tl.constexpr,
-                ROUNDING: tl.constexpr):
-    """Per-token scales of one row (or several stacked), laid out ``[R, GROUP_PAD]`` with a
-    row per super group: ``blocks`` the K-block index of each entry, ``in_group`` which
-    exist, ``row_ptr`` [R] the start of each entry's row. Returns ``(F [R], Q, scale)``
-    as ``quant_per_token`` computes them."""
-    offs_k = tl.arange(0, BLOCK_K)
-    ptrs = row_ptr[:, None, None] + (blocks * BLOCK_K)[:, :, None] + offs_k[None, None, :]
-    values = tl.load(ptrs, mask=in_group[:, :, None], other=0.0).to(tl.float32)
+def _quantize_groups(values, in_group, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr):
+    """Per-token quantization of ``values`` fp32 [R, GROUP_PAD, BLOCK_K], each row one
+    super group of one row (``quant_per_token``'s arithmetic): ``(F [R], Q int32 [R,
+    GROUP_PAD], int8 values)``."""
     block_amax = tl.max(tl.abs(values), axis=2)
     any_nan = tl.max(tl.max((values != values).to(tl.int32), axis=2), axis=1)
-    return _group_scales(block_amax, any_nan, in_group, Q_MAX, ROUNDING)
+    fscale, qscale, scale = _group_scales(block_amax, any_nan, in_group, Q_MAX, ROUNDING)
+    return fscale, qscale, _quantize_exact(values, tl.broadcast_to(scale[:, :, None],
+                                                                   values.shape))
 
 
 @triton.jit
-def _pick(values, hit):
-    """The entries of ``values`` [R, C] where ``hit`` (one per row), summed over C: [R].
-    Other entries (NaN included) add exact zeros."""
-    return tl.sum(tl.where(hit, values, tl.zeros_like(values)), axis=1)
+def _block_dots(w, x_q, PAD: tl.constexpr):
+    """Exact int32 dots of weight rows ``w`` int8 [B, R, BLOCK_K] with one int8 vector per
+    batch entry ``x_q`` [B, BLOCK_K]: [B, R]. An MMA needs at least 16 columns, so the
+    vector is column 0 of a zero [BLOCK_K, PAD] operand."""
+    pad = tl.arange(0, PAD)
+    x_pad = tl.where(pad[None, None, :] == 0, x_q[:, :, None],
+                     tl.zeros([x_q.shape[0], x_q.shape[1], PAD], tl.int8))
+    dots = tl.dot(w, x_pad, out_dtype=tl.int32)
+    return tl.sum(tl.where(pad[None, None, :] == 0, dots, 0), axis=2)
 
 
 @triton.jit
@@ -93,13 +95,16 @@ def _gate_up_kernel(
         stride_xm, stride_we, stride_wn, stride_wqe, stride_wqn, stride_wqk,
         stride_wfe, stride_wfn, stride_wfg, stride_hm,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-        BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, GROUPS_PAD: tl.constexpr,
-        GROUP_PAD: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr,
-        SCALE_BLOCK_N: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr,
-        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        Q_MAX: tl.constexpr, ROUNDING: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAD: tl.constexpr, GEMM_DTYPE: tl.constexpr,
+        NUM_STAGES: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
-    Nothing is written for a pair with no local expert (dropped by ``expert_map`` or an
+    One loop step per super group: quantize the token's values of the group (their
+    scales depend on the group alone), one batched MMA over the group's K-blocks for the
+    gate and the up rows, Q-weighting and the int32 group sum, then the fp32 flush.
+    Nothing is written for a pair with no local expert (dropped by ``expert_map``, or an
     invalid id): ``_down_kernel`` does not read its row.
     """
     pair = tl.program_id(0)
@@ -108,64 +113,54 @@ def _gate_up_kernel(
     if expert < 0:
         return
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
-
-    # The token's scales: one [GROUP_PAD] row per super group.
-    offs_sg = tl.arange(0, GROUPS_PAD)
-    offs_g = tl.arange(0, GROUP_PAD)
-    blocks = offs_sg[:, None] * SUPER_GROUP + offs_g[None, :]
-    in_group = (offs_g[None, :] < SUPER_GROUP) & (blocks < NUM_BLOCKS)
-    row_starts = x_row + tl.zeros([GROUPS_PAD], tl.int64)
-    f_x, q_x, scale_x = _row_scales(row_starts, blocks, in_group, BLOCK_K, Q_MAX, ROUNDING)
-
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
+    offs_b = tl.arange(0, GROUP_PAD)
     offs_k = tl.arange(0, BLOCK_K)
-    pad = tl.arange(0, PAD)
     w_expert = w_ptr + expert.to(tl.int64) * stride_we
     gate_rows = w_expert + cols.to(tl.int64) * stride_wn  # rows 0..N-1 of w13: gate
     up_rows = w_expert + (cols + inter).to(tl.int64) * stride_wn  # rows N..2N-1: up
-    w_mask = col_mask[:, None]
-    # Weight scale rows of the gate and up columns (one or more scale blocks).
-    gate_q_ptrs = w_qscale_ptr + expert * stride_wqe + (cols // SCALE_BLOCK_N) * stride_wqn
-    up_q_ptrs = w_qscale_ptr + expert * stride_wqe + ((cols + inter) // SCALE_BLOCK_N) * stride_wqn
-    gate_f_ptrs = w_fscale_ptr + expert * stride_wfe + (cols // SCALE_BLOCK_N) * stride_wfn
-    up_f_ptrs = w_fscale_ptr + expert * stride_wfe + ((cols + inter) // SCALE_BLOCK_N) * stride_wfn
+    q_expert = w_qscale_ptr + expert * stride_wqe
+    f_expert = w_fscale_ptr + expert * stride_wfe
+    gate_scale_rows = cols // SCALE_BLOCK_N
+    up_scale_rows = (cols + inter) // SCALE_BLOCK_N
 
-    acc_gate = tl.zeros([BLOCK_N, PAD], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, PAD], tl.float32)
-    sum_gate = tl.zeros([BLOCK_N, PAD], tl.int32)
-    sum_up = tl.zeros([BLOCK_N, PAD], tl.int32)
-    for kb in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
-        group = kb // SUPER_GROUP
-        hit = blocks == kb
-        scale = tl.sum(_pick(scale_x, hit), axis=0)
-        q_a = tl.sum(_pick(q_x, hit), axis=0)
-        f_a = tl.sum(tl.where(offs_sg == group, f_x, 0.0), axis=0)
-        x_vals = tl.load(x_row + kb * BLOCK_K + offs_k).to(tl.float32)
-        x_q = _quantize_exact(x_vals, tl.zeros_like(x_vals) + scale)
-        # The token's int8 row as row 0 of a [PAD, BLOCK_K] MMA operand.
-        x_pad = tl.where(pad[:, None] == 0, x_q[None, :], tl.zeros([PAD, BLOCK_K], tl.int8))
-        w_gate = tl.load(gate_rows[:, None] + kb * BLOCK_K + offs_k[None, :], mask=w_mask,
-                         other=0)
-        w_up = tl.load(up_rows[:, None] + kb * BLOCK_K + offs_k[None, :], mask=w_mask, other=0)
-        dot_gate = tl.dot(w_gate, tl.trans(x_pad), out_dtype=tl.int32)
-        dot_up = tl.dot(w_up, tl.trans(x_pad), out_dtype=tl.int32)
-        q_gate = tl.load(gate_q_ptrs + kb * stride_wqk, mask=col_mask, other=0)
-        q_up = tl.load(up_q_ptrs + kb * stride_wqk, mask=col_mask, other=0)
-        sum_gate += dot_gate * (q_a * q_gate)[:, None]
-        sum_up += dot_up * (q_a * q_up)[:, None]
-        f_gate = tl.load(gate_f_ptrs + group * stride_wfg, mask=col_mask, other=0.0)
-        f_up = tl.load(up_f_ptrs + group * stride_wfg, mask=col_mask, other=0.0)
-        if ((kb % SUPER_GROUP) == SUPER_GROUP - 1) | (kb == NUM_BLOCKS - 1):
-            acc_gate = _flush(acc_gate, (f_a * f_gate)[:, None], sum_gate)
-            acc_up = _flush(acc_up, (f_a * f_up)[:, None], sum_up)
-            sum_gate = tl.zeros_like(sum_gate)
-            sum_up = tl.zeros_like(sum_up)
+    acc_gate = tl.zeros([BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_N], tl.float32)
+    for group in tl.range(0, tl.cdiv(NUM_BLOCKS, SUPER_GROUP), num_stages=NUM_STAGES):
+        blocks = group * SUPER_GROUP + offs_b
+        in_group = (offs_b < SUPER_GROUP) & (blocks < NUM_BLOCKS)
+        x_vals = tl.load(x_row + blocks[:, None] * BLOCK_K + offs_k[None, :],
+                         mask=in_group[:, None], other=0.0).to(tl.float32)
+        f_x, q_x, x_q = _quantize_groups(x_vals[None, :, :], in_group[None, :], Q_MAX,
+                                         ROUNDING)
+        w_offs = blocks[:, None, None] * BLOCK_K + offs_k[None, None, :]
+        w_mask = in_group[:, None, None] & col_mask[None, :, None]
+        w_gate = tl.load(gate_rows[None, :, None] + w_offs, mask=w_mask, other=0)
+        w_up = tl.load(up_rows[None, :, None] + w_offs, mask=w_mask, other=0)
+        x_q = tl.reshape(x_q, [GROUP_PAD, BLOCK_K])
+        dot_gate = _block_dots(w_gate, x_q, PAD)  # [GROUP_PAD, BLOCK_N]
+        dot_up = _block_dots(w_up, x_q, PAD)
+        qf_mask = in_group[:, None] & col_mask[None, :]
+        q_gate = tl.load(q_expert + gate_scale_rows[None, :] * stride_wqn
+                         + blocks[:, None] * stride_wqk, mask=qf_mask, other=0)
+        q_up = tl.load(q_expert + up_scale_rows[None, :] * stride_wqn
+                       + blocks[:, None] * stride_wqk, mask=qf_mask, other=0)
+        q_a = tl.reshape(q_x, [GROUP_PAD])[:, None]
+        # int32 weighting and group sum (exact: SPEC 5's bound; wraps alike in any order).
+        sum_gate = tl.sum(dot_gate * (q_a * q_gate), axis=0)
+        sum_up = tl.sum(dot_up * (q_a * q_up), axis=0)
+        f_gate = tl.load(f_expert + gate_scale_rows * stride_wfn + group * stride_wfg,
+                         mask=col_mask, other=0.0)
+        f_up = tl.load(f_expert + up_scale_rows * stride_wfn + group * stride_wfg,
+                       mask=col_mask, other=0.0)
+        f_a = tl.sum(f_x, axis=0)
+        acc_gate = _flush(acc_gate, f_a * f_gate, sum_gate)
+        acc_up = _flush(acc_up, f_a * f_up, sum_up)
 
-    # Column 0 is the token; GEMM1's output dtype, then SiLU as the general path does.
-    first = pad[None, :] == 0
-    gate = to_output_dtype(_pick(acc_gate, first), GEMM_DTYPE).to(tl.float32)
-    up = to_output_dtype(_pick(acc_up, first), GEMM_DTYPE).to(tl.float32)
+    # GEMM1's output dtype, then SiLU as the general path computes it.
+    gate = to_output_dtype(acc_gate, GEMM_DTYPE).to(tl.float32)
+    up = to_output_dtype(acc_up, GEMM_DTYPE).to(tl.float32)
     tl.store(h_ptr + pair.to(tl.int64) * stride_hm + cols, _silu_mul(gate, up), mask=col_mask)
 
 
@@ -178,80 +173,66 @@ def _down_kernel(
         stride_wqk, stride_wfe, stride_wfn, stride_wfg, stride_om,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr,
-        GROUPS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, Q_MAX: tl.constexpr,
-        ROUNDING: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
-        PAD: tl.constexpr, GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        GROUP_PAD: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr,
+        SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, PAD: tl.constexpr,
+        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
-    The top_k pairs are a batch dimension of every tensor (a batched ``tl.dot``), so the
-    weight rows of all of the token's experts stream at once. A pair without a local
-    expert adds nothing; an invalid id makes the token NaN (as ``unpermute``).
+    The token's top_k pairs and a super group's K-blocks form the batch dimension
+    [TOP_K_PAD * GROUP_PAD] of one batched MMA per super group, so the weight rows of all
+    of the token's experts stream at once. A pair without a local expert adds nothing;
+    an invalid id makes the token NaN (as ``unpermute``).
     """
     token = tl.program_id(0)
     slot = tl.arange(0, TOP_K_PAD)
-    pairs = token * TOP_K + slot
-    experts = _local_expert_ids(topk_ids_ptr, expert_map_ptr, pairs, num_pairs, num_experts,
-                                num_global_experts, HAS_EXPERT_MAP)
+    experts = _local_expert_ids(topk_ids_ptr, expert_map_ptr, token * TOP_K + slot,
+                                num_pairs, num_experts, num_global_experts, HAS_EXPERT_MAP)
     experts = tl.where(slot < TOP_K, experts, -1)
     kept = experts >= 0
-    safe_experts = tl.maximum(experts, 0).to(tl.int64)
-    h_rows = h_ptr + tl.where(kept, pairs, 0).to(tl.int64) * stride_hm
-
-    # Every pair's scales: [TOP_K_PAD * GROUPS_PAD, GROUP_PAD], a row per (pair, super
-    # group); the pair of row r is slot r // GROUPS_PAD.
-    offs_r = tl.arange(0, TOP_K_PAD * GROUPS_PAD)
-    offs_g = tl.arange(0, GROUP_PAD)
-    slot_r = offs_r // GROUPS_PAD
-    pairs_r = token * TOP_K + slot_r
-    experts_r = _local_expert_ids(topk_ids_ptr, expert_map_ptr, pairs_r, num_pairs,
-                                  num_experts, num_global_experts, HAS_EXPERT_MAP)
+    h_rows = h_ptr + tl.where(kept, token * TOP_K + slot, 0).to(tl.int64) * stride_hm
+    # Batch entry r = (pair slot r // GROUP_PAD, K-block r % GROUP_PAD of the group).
+    offs_r = tl.arange(0, TOP_K_PAD * GROUP_PAD)
+    slot_r = offs_r // GROUP_PAD
+    block_r = offs_r % GROUP_PAD
+    experts_r = _local_expert_ids(topk_ids_ptr, expert_map_ptr, token * TOP_K + slot_r,
+                                  num_pairs, num_experts, num_global_experts, HAS_EXPERT_MAP)
     kept_r = (slot_r < TOP_K) & (experts_r >= 0)
-    blocks = (offs_r % GROUPS_PAD)[:, None] * SUPER_GROUP + offs_g[None, :]
-    in_group = (offs_g[None, :] < SUPER_GROUP) & (blocks < NUM_BLOCKS) & kept_r[:, None]
-    row_starts = h_ptr + tl.where(kept_r, pairs_r, 0).to(tl.int64) * stride_hm
-    f_h, q_h, scale_h = _row_scales(row_starts, blocks, in_group, BLOCK_K, Q_MAX, ROUNDING)
-
+    safe_experts_r = tl.maximum(experts_r, 0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     col_mask = cols < hidden
+    offs_b = tl.arange(0, GROUP_PAD)
     offs_k = tl.arange(0, BLOCK_K)
-    pad = tl.arange(0, PAD)
-    w_rows = (w_ptr + safe_experts[:, None] * stride_we
-              + cols.to(tl.int64)[None, :] * stride_wn)  # [TOP_K_PAD, BLOCK_OUT]
-    w_mask = (kept[:, None] & col_mask[None, :])[:, :, None]
-    q_ptrs = (w_qscale_ptr + safe_experts[:, None] * stride_wqe
+    w_rows = (w_ptr + safe_experts_r[:, None] * stride_we
+              + cols.to(tl.int64)[None, :] * stride_wn)  # [TOP_K_PAD * GROUP_PAD, BLOCK_OUT]
+    q_rows = (w_qscale_ptr + safe_experts_r[:, None] * stride_wqe
               + (cols // SCALE_BLOCK_N)[None, :] * stride_wqn)
-    f_ptrs = (w_fscale_ptr + safe_experts[:, None] * stride_wfe
-              + (cols // SCALE_BLOCK_N)[None, :] * stride_wfn)
-    qf_mask = kept[:, None] & col_mask[None, :]
+    safe_experts = tl.maximum(experts, 0).to(tl.int64)
+    f_rows = (w_fscale_ptr + safe_experts[:, None] * stride_wfe
+              + (cols // SCALE_BLOCK_N)[None, :] * stride_wfn)  # [TOP_K_PAD, BLOCK_OUT]
+    f_mask = kept[:, None] & col_mask[None, :]
 
-    acc = tl.zeros([TOP_K_PAD, BLOCK_OUT, PAD], tl.float32)
-    group_sum = tl.zeros([TOP_K_PAD, BLOCK_OUT, PAD], tl.int32)
-    for kb in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
-        group = kb // SUPER_GROUP
-        # This K-block's scale and Q of every pair ([TOP_K_PAD]), and its group's F.
-        hit = blocks == kb
-        scale = tl.sum(tl.reshape(_pick(scale_h, hit), [TOP_K_PAD, GROUPS_PAD]), axis=1)
-        q_a = tl.sum(tl.reshape(_pick(q_h, hit), [TOP_K_PAD, GROUPS_PAD]), axis=1)
-        f_a = tl.sum(tl.reshape(tl.where((offs_r % GROUPS_PAD) == group, f_h, 0.0),
-                                [TOP_K_PAD, GROUPS_PAD]), axis=1)
-        h_vals = tl.load(h_rows[:, None] + kb * BLOCK_K + offs_k[None, :],
-                         mask=kept[:, None], other=0.0)
-        h_q = _quantize_exact(h_vals, tl.broadcast_to(scale[:, None], [TOP_K_PAD, BLOCK_K]))
-        h_pad = tl.where(pad[None, :, None] == 0, h_q[:, None, :],
-                         tl.zeros([TOP_K_PAD, PAD, BLOCK_K], tl.int8))
-        w = tl.load(w_rows[:, :, None] + kb * BLOCK_K + offs_k[None, None, :], mask=w_mask,
-                    other=0)
-        dot = tl.dot(w, tl.permute(h_pad, (0, 2, 1)), out_dtype=tl.int32)
-        q_w = tl.load(q_ptrs + kb * stride_wqk, mask=qf_mask, other=0)
-        group_sum += dot * (q_a[:, None] * q_w)[:, :, None]
-        f_w = tl.load(f_ptrs + group * stride_wfg, mask=qf_mask, other=0.0)
-        if ((kb % SUPER_GROUP) == SUPER_GROUP - 1) | (kb == NUM_BLOCKS - 1):
-            acc = _flush(acc, (f_a[:, None] * f_w)[:, :, None], group_sum)
-            group_sum = tl.zeros_like(group_sum)
+    acc = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.float32)
+    for group in tl.range(0, tl.cdiv(NUM_BLOCKS, SUPER_GROUP), num_stages=NUM_STAGES):
+        blocks = group * SUPER_GROUP + offs_b
+        in_group = (offs_b < SUPER_GROUP) & (blocks < NUM_BLOCKS)
+        h_vals = tl.load(h_rows[:, None, None] + blocks[None, :, None] * BLOCK_K
+                         + offs_k[None, None, :],
+                         mask=kept[:, None, None] & in_group[None, :, None], other=0.0)
+        f_h, q_h, h_q = _quantize_groups(h_vals, in_group[None, :], Q_MAX, ROUNDING)
+        blocks_r = group * SUPER_GROUP + block_r
+        in_group_r = kept_r & (block_r < SUPER_GROUP) & (blocks_r < NUM_BLOCKS)
+        w = tl.load(w_rows[:, :, None] + (blocks_r * BLOCK_K)[:, None, None]
+                    + offs_k[None, None, :],
+                    mask=in_group_r[:, None, None] & col_mask[None, :, None], other=0)
+        dots = _block_dots(w, tl.reshape(h_q, [TOP_K_PAD * GROUP_PAD, BLOCK_K]), PAD)
+        q_w = tl.load(q_rows + blocks_r[:, None] * stride_wqk,
+                      mask=in_group_r[:, None] & col_mask[None, :], other=0)
+        weighted = dots * (tl.reshape(q_h, [TOP_K_PAD * GROUP_PAD])[:, None] * q_w)
+        group_sum = tl.sum(tl.reshape(weighted, [TOP_K_PAD, GROUP_PAD, BLOCK_OUT]), axis=1)
+        f_w = tl.load(f_rows + group * stride_wfg, mask=f_mask, other=0.0)
+        acc = _flush(acc, f_h[:, None] * f_w, group_sum)
 
-    # Column 0 of each pair is its GEMM2 row, rounded to GEMM2's output dtype.
-    mm2 = to_output_dtype(tl.sum(tl.where(pad[None, None, :] == 0, acc, 0.0), axis=2),
-                          GEMM_DTYPE).to(tl.float32)  # [TOP_K_PAD, BLOCK_OUT]
+    mm2 = to_output_dtype(acc, GEMM_DTYPE).to(tl.float32)  # GEMM2's output dtype
     out = tl.zeros([BLOCK_OUT], tl.float32)
     for j in tl.static_range(TOP_K):
         weight = tl.load(topk_weights_ptr + token.to(tl.int64) * stride_twm
@@ -266,24 +247,22 @@ def _down_kernel(
              to_output_dtype(out, out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _groups(num_blocks: int, super_group_size: int) -> tuple[int, int]:
-    """(GROUPS_PAD, GROUP_PAD): padded super groups of a row and blocks per group."""
-    group_pad = triton.next_power_of_2(min(super_group_size, num_blocks))
-    groups_pad = triton.next_power_of_2(-(-num_blocks // super_group_size))
-    return groups_pad, group_pad
+def _group_pad(num_blocks: int, super_group_size: int) -> int:
+    """K-blocks of a super group, padded to a power of two."""
+    return triton.next_power_of_2(min(super_group_size, num_blocks))
 
 
 def decode_fits(num_tokens: int, top_k: int, hidden: int, inter: int, block_k: int,
                 super_group_size: int) -> bool:
-    """Whether this path takes the call: few pairs, and each program's quantization tile
-    (the x row; the top_k h rows) within ``max_row_values``. Host ints only."""
+    """Whether this path takes the call: few pairs, and one super group of the top_k h
+    rows (what ``_down_kernel`` quantizes per step) within ``max_group_values``. Host
+    ints only."""
     if num_tokens * top_k > DECODE_CONFIG["max_pairs"]:
         return False
-    limit = DECODE_CONFIG["max_row_values"]
-    x_groups, x_group = _groups(hidden // block_k, super_group_size)
-    h_groups, h_group = _groups(inter // block_k, super_group_size)
-    return (x_groups * x_group * block_k <= limit
-            and triton.next_power_of_2(top_k) * h_groups * h_group * block_k <= limit)
+    group_values = (triton.next_power_of_2(top_k)
+                    * max(_group_pad(hidden // block_k, super_group_size),
+                          _group_pad(inter // block_k, super_group_size)) * block_k)
+    return group_values <= DECODE_CONFIG["max_group_values"]
 
 
 def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch.Tensor,
@@ -318,7 +297,6 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
 
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
     w13_q, w13_qs, w13_fs = weights.w13_q, weights.w13_qscale, weights.w13_fscale
-    x_groups, x_group = _groups(hidden // cfg.block_k, cfg.super_group_size)
     grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
     _gate_up_kernel[grid](
         hidden_states, topk_ids, map_arg, w13_q, w13_qs, w13_fs, h,
@@ -326,14 +304,14 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         hidden_states.stride(0), w13_q.stride(0), w13_q.stride(1),
         w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
-        NUM_BLOCKS=hidden // cfg.block_k, GROUPS_PAD=x_groups, GROUP_PAD=x_group,
+        NUM_BLOCKS=hidden // cfg.block_k,
+        GROUP_PAD=_group_pad(hidden // cfg.block_k, cfg.super_group_size),
         BLOCK_N=conf["BLOCK_N"], NUM_STAGES=conf["gate_up_stages"],
         num_warps=conf["gate_up_warps"], **common)
 
     if stage_callback is not None:
         stage_callback("decode_down")
     w2_q, w2_qs, w2_fs = weights.w2_q, weights.w2_qscale, weights.w2_fscale
-    h_groups, h_group = _groups(inter // cfg.block_k, cfg.super_group_size)
     grid = (num_tokens, triton.cdiv(hidden, conf["BLOCK_OUT"]))
     _down_kernel[grid](
         h, topk_ids, map_arg, topk_weights, w2_q, w2_qs, w2_fs, out,
@@ -342,7 +320,8 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         w2_q.stride(0), w2_q.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // cfg.block_k,
-        GROUPS_PAD=h_groups, GROUP_PAD=h_group, BLOCK_OUT=conf["BLOCK_OUT"],
+        GROUP_PAD=_group_pad(inter // cfg.block_k, cfg.super_group_size),
+        BLOCK_OUT=conf["BLOCK_OUT"],
         NUM_STAGES=conf["down_stages"], num_warps=conf["down_warps"],
         enable_fp_fusion=False, **common)
     return out
