@@ -118,10 +118,12 @@ def test_decode_dispatch():
     assert decode.decode_fits(1, 8, 2048, 512, 128, 4)
     assert not decode.decode_fits(decode.DECODE_CONFIG["max_pairs"] // 8 + 1, 8, 2048, 512,
                                   128, 4)
-    assert decode.decode_fits(1, 8, 7168, 2048, 128, 4)  # DeepSeek-V3
-    assert decode.decode_fits(1, 2, 4096, 14336, 128, 4)  # Mixtral
-    # the reference design's G = 256: a super group of 8 h rows is 16 x 8 x 128 values
-    assert not decode.decode_fits(1, 8, 2048, 2048, 128, 256)
+    assert decode.decode_fits(1, 8, 2048, 768, 128, 4)  # Qwen3-30B-A3B
+    assert decode.decode_fits(1, 8, 7168, 512, 128, 4)  # an x row of 7168 fits
+    # the prologue of the down kernel: 8 h rows of 2048 (DeepSeek-V3) or 2 of 14336
+    # (Mixtral) are more than max_prologue_values
+    assert not decode.decode_fits(1, 8, 7168, 2048, 128, 4)
+    assert not decode.decode_fits(1, 2, 4096, 14336, 128, 4)
 
 
 def test_forward_takes_general_path_for_tile_scales_and_large_batches(device):
@@ -139,43 +141,44 @@ def _aot_main():
     import triton.language as tl
 
     common = dict(HAS_EXPERT_MAP=False, TOP_K=8, BLOCK_K=128, SUPER_GROUP=4, Q_MAX=16,
-                  ROUNDING="consistent", SCALE_BLOCK_N=64, PAD=decode.MMA_MIN,
-                  GEMM_DTYPE=tl.bfloat16)
+                  ROUNDING="consistent", SCALE_BLOCK_N=64, GEMM_DTYPE=tl.bfloat16)
     ints = ("num_pairs num_experts num_global_experts stride_we stride_wn stride_wqe "
             "stride_wqn stride_wqk stride_wfe stride_wfn stride_wfg stride_hm").split()
-    pointers = dict(topk_ids_ptr="*i32", expert_map_ptr="*i32", w_ptr="*i8",
+    pointers = dict(topk_ids_ptr="*i32", expert_map_ptr="*i32", w32_ptr="*i32",
                     w_qscale_ptr="*i32", w_fscale_ptr="*fp32", h_ptr="*fp32")
     conf = decode.DECODE_CONFIG
     gate_up = compile_for_hopper(
         decode._gate_up_kernel,
-        dict({n: "i32" for n in ints + ["inter", "stride_xm"]}, x_ptr="*bf16", **pointers),
-        dict(common, NUM_BLOCKS=16, GROUP_PAD=4, BLOCK_N=conf["BLOCK_N"],
+        dict({n: "i32" for n in ints + ["inter", "stride_xm"]}, x_ptr="*bf16", x_q_ptr="*i8",
+             x_q32_ptr="*i32", x_qs_ptr="*i32", x_fs_ptr="*fp32", **pointers),
+        dict(common, NUM_BLOCKS=16, GROUPS_PAD=4, GROUP_PAD=4, BLOCK_N=conf["BLOCK_N"],
              NUM_STAGES=conf["gate_up_stages"]),
         num_warps=conf["gate_up_warps"], num_stages=conf["gate_up_stages"])
     down = compile_for_hopper(
         decode._down_kernel,
         dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_om"]},
-             topk_weights_ptr="*fp32", out_ptr="*bf16", **pointers),
-        dict(common, TOP_K_PAD=8, NUM_BLOCKS=16, GROUP_PAD=4,
+             topk_weights_ptr="*fp32", h_q_ptr="*i8", h_q32_ptr="*i32", h_qs_ptr="*i32",
+             h_fs_ptr="*fp32", out_ptr="*bf16", **pointers),
+        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, GROUPS_PAD=1, GROUP_PAD=4,
              BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"]),
         num_warps=conf["down_warps"], num_stages=conf["down_stages"], enable_fp_fusion=False)
     facts = {}
     for name, kernel in (("gate_up", gate_up), ("down", down)):
         ptx = kernel.asm["ptx"]
-        facts[name] = {"int8_mma": "mma.sync.aligned.m16n8k32.row.col" in ptx and ".s8.s8" in ptx,
-                       "fma": "fma.rn.f32" in ptx, "div_rn": "div.rn.f32" in ptx,
+        facts[name] = {"dp4a": "dp4a.s32.s32" in ptx, "fma": "fma.rn.f32" in ptx,
+                       "div_rn": "div.rn.f32" in ptx,
                        "approx_div": "div.full.f32" in ptx or "div.approx.f32" in ptx,
-                       "fp64_exp": "fma.rn.f64" in ptx, "cp_async": "cp.async" in ptx}
+                       "fp64_exp": "fma.rn.f64" in ptx, "barrier": "bar.sync" in ptx}
     return facts
 
 
 def test_decode_kernels_compile_for_sm90():
     facts = run_without_interpreter("tests.test_decode", "_aot_main")
     for name, fact in facts.items():
-        assert fact["int8_mma"], name  # the GEMVs run on the tensor cores
+        assert fact["dp4a"], name  # the int8 dots: 4 multiply-adds per instruction
         assert fact["fma"], name  # the explicit super-group flush
         assert fact["div_rn"] and not fact["approx_div"], name  # IEEE scales (SPEC 4)
-        assert fact["cp_async"], name  # weight loads software-pipelined
+        assert fact["barrier"], name  # the prologue's scratch is visible to all threads
     assert facts["gate_up"]["fp64_exp"]  # SiLU's exp is the oracle's fp64 one
 
 
