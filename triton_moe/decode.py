@@ -35,7 +35,7 @@ import triton.language as tl
 from triton_moe.jit_utils import INTERPRETED
 from triton_moe.permute import INVALID_PAIR, _local_expert_ids
 from triton_moe.quant import _quantize_exact, _silu_mul
-from triton_moe.quant_per_token import _group_scales
+from triton_moe.quant_per_token import _group_scales, quantize_rows
 from triton_moe.jit_utils import to_output_dtype
 
 # Configs as data. ``max_pairs``: up to this many (token, expert) pairs take this path
@@ -44,7 +44,7 @@ from triton_moe.jit_utils import to_output_dtype
 # (the x row; the top_k h rows); larger rows take the general path.
 # BLOCK_N / BLOCK_OUT: weight rows per program (more programs to stream the weights).
 DECODE_CONFIG = {
-    "max_pairs": 16,
+    "max_pairs": 16, "prologue": True,
     "max_prologue_values": 8192,
     "BLOCK_N": 32, "gate_up_warps": 4, "gate_up_stages": 4,
     "BLOCK_OUT": 16, "down_warps": 4, "down_stages": 2,
@@ -124,7 +124,7 @@ def _gate_up_kernel(
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, GROUPS_PAD: tl.constexpr,
         GROUP_PAD: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, BLOCK_N: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-        NUM_STAGES: tl.constexpr):
+        PROLOGUE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
     Prologue: quantize the token's row into the scratch (every program of the token
@@ -142,11 +142,12 @@ def _gate_up_kernel(
         return
     token = (pair // TOP_K).to(tl.int64)
     NUM_GROUPS: tl.constexpr = (NUM_BLOCKS + SUPER_GROUP - 1) // SUPER_GROUP
-    groups = tl.minimum(tl.arange(0, GROUPS_PAD), NUM_GROUPS - 1)  # padding repeats the last
-    _quantize_to_scratch(x_ptr, stride_xm, token + tl.zeros([GROUPS_PAD], tl.int64),
-                         tl.full([GROUPS_PAD], 1, tl.int1), groups, x_q_ptr, x_qs_ptr,
-                         x_fs_ptr, NUM_BLOCKS, BLOCK_K, SUPER_GROUP, GROUP_PAD, Q_MAX,
-                         ROUNDING)
+    if PROLOGUE:
+        groups = tl.minimum(tl.arange(0, GROUPS_PAD), NUM_GROUPS - 1)  # padding repeats
+        _quantize_to_scratch(x_ptr, stride_xm, token + tl.zeros([GROUPS_PAD], tl.int64),
+                             tl.full([GROUPS_PAD], 1, tl.int1), groups, x_q_ptr, x_qs_ptr,
+                             x_fs_ptr, NUM_BLOCKS, BLOCK_K, SUPER_GROUP, GROUP_PAD, Q_MAX,
+                             ROUNDING)
 
     K4: tl.constexpr = BLOCK_K // 4
     offs_k4 = tl.arange(0, K4)
@@ -204,7 +205,7 @@ def _down_kernel(
         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr,
         GROUPS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, Q_MAX: tl.constexpr,
         ROUNDING: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
-        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        GEMM_DTYPE: tl.constexpr, PROLOGUE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
     Prologue: quantize the token's top_k h rows into the scratch. Main loop, one step per
@@ -214,15 +215,17 @@ def _down_kernel(
     """
     token = tl.program_id(0)
     NUM_GROUPS: tl.constexpr = (NUM_BLOCKS + SUPER_GROUP - 1) // SUPER_GROUP
-    offs_r = tl.arange(0, TOP_K_PAD * GROUPS_PAD)  # tile row: (pair slot, super group)
-    slot_r = offs_r // GROUPS_PAD
-    experts_r = _local_expert_ids(topk_ids_ptr, expert_map_ptr, token * TOP_K + slot_r,
-                                  num_pairs, num_experts, num_global_experts, HAS_EXPERT_MAP)
-    _quantize_to_scratch(h_ptr, stride_hm, (token * TOP_K + slot_r).to(tl.int64),
-                         (slot_r < TOP_K) & (experts_r >= 0),
-                         tl.minimum(offs_r % GROUPS_PAD, NUM_GROUPS - 1),
-                         h_q_ptr, h_qs_ptr, h_fs_ptr, NUM_BLOCKS, BLOCK_K, SUPER_GROUP,
-                         GROUP_PAD, Q_MAX, ROUNDING)
+    if PROLOGUE:
+        offs_r = tl.arange(0, TOP_K_PAD * GROUPS_PAD)  # tile row: (pair slot, super group)
+        slot_r = offs_r // GROUPS_PAD
+        experts_r = _local_expert_ids(topk_ids_ptr, expert_map_ptr, token * TOP_K + slot_r,
+                                      num_pairs, num_experts, num_global_experts,
+                                      HAS_EXPERT_MAP)
+        _quantize_to_scratch(h_ptr, stride_hm, (token * TOP_K + slot_r).to(tl.int64),
+                             (slot_r < TOP_K) & (experts_r >= 0),
+                             tl.minimum(offs_r % GROUPS_PAD, NUM_GROUPS - 1),
+                             h_q_ptr, h_qs_ptr, h_fs_ptr, NUM_BLOCKS, BLOCK_K, SUPER_GROUP,
+                             GROUP_PAD, Q_MAX, ROUNDING)
 
     slot = tl.arange(0, TOP_K_PAD)
     pairs = (token * TOP_K + slot).to(tl.int64)
@@ -334,17 +337,26 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     common = dict(HAS_EXPERT_MAP=has_map, TOP_K=top_k, BLOCK_K=block_k,
                   SUPER_GROUP=cfg.super_group_size, Q_MAX=cfg.q_max,
                   ROUNDING=cfg.scale_rounding, SCALE_BLOCK_N=cfg.block_n,
-                  GEMM_DTYPE=gemm_dtype)
+                  GEMM_DTYPE=gemm_dtype, PROLOGUE=conf["prologue"])
     device = hidden_states.device
 
-    def scratch(rows: int, cols: int):
-        """int8 values (and their int32 view), Q and F of ``rows`` quantized rows."""
-        num_blocks = cols // block_k
-        values = torch.empty(rows, cols, dtype=torch.int8, device=device)
-        return (values, values.view(torch.int32),
-                torch.empty(rows, num_blocks, dtype=torch.int32, device=device),
-                torch.empty(rows, -(-num_blocks // cfg.super_group_size),
-                            dtype=torch.float32, device=device))
+    prologue = conf["prologue"]
+
+    def quantized(src: torch.Tensor):
+        """int8 values (and their int32 view), Q and F of the rows of ``src``: a scratch
+        the kernel's prologue fills, or quantize_rows' output (a launch of its own)."""
+        rows, cols = src.shape
+        if prologue:
+            num_blocks = cols // block_k
+            values = torch.empty(rows, cols, dtype=torch.int8, device=device)
+            q = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
+            f = torch.empty(rows, -(-num_blocks // cfg.super_group_size),
+                            dtype=torch.float32, device=device)
+        else:
+            values, q, f = quantize_rows("rows", src, rows, cols, None, block_k=block_k,
+                                         q_max=cfg.q_max, super_group_size=cfg.super_group_size,
+                                         scale_rounding=cfg.scale_rounding)
+        return values, values.view(torch.int32), q, f
 
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=device)
     w13 = _as_int32(weights.w13_q)
@@ -353,7 +365,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
     _gate_up_kernel[grid](
         hidden_states, topk_ids, map_arg, w13, w13_qs, w13_fs,
-        *scratch(num_tokens, hidden), h,
+        *quantized(hidden_states), h,
         num_pairs, num_experts, num_global, inter,
         hidden_states.stride(0), w13.stride(0), w13.stride(1),
         w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
@@ -369,7 +381,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     h_groups, h_group = _group_pads(inter // block_k, cfg.super_group_size)
     grid = (num_tokens, triton.cdiv(hidden, conf["BLOCK_OUT"]))
     _down_kernel[grid](
-        h, topk_ids, map_arg, topk_weights, w2, w2_qs, w2_fs, *scratch(num_pairs, inter), out,
+        h, topk_ids, map_arg, topk_weights, w2, w2_qs, w2_fs, *quantized(h), out,
         num_pairs, num_experts, num_global, hidden,
         h.stride(0), topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),

@@ -19,8 +19,9 @@ per-token scale allows that a 128-row block does not:
 
 Modes: ``"scatter"`` (token rows -> ``pair_to_row``), ``"gather"`` (permuted row r reads
 token ``sorted_pair_ids[r] // top_k``), ``"plain"`` (row r -> row r), ``"silu"``
-(``silu(gate) * up`` of GEMM1's output ``h [P, 2N]``). ``triton_moe.quant``'s launchers
-send ``act_block_m == 1`` here.
+(``silu(gate) * up`` of GEMM1's output ``h [P, 2N]``), ``"rows"`` (every row r of src ->
+row r, no expert segments: ``triton_moe.decode``). ``triton_moe.quant``'s launchers send
+``act_block_m == 1`` here.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import triton.language as tl
 from reference.quant import SCALE_ROUNDINGS
 from triton_moe.quant import _RINT_MAGIC, _SCALE_EPS, _load_rows, _quantize_exact, tile_config
 
-MODES = ("scatter", "gather", "plain", "silu")
+MODES = ("scatter", "gather", "plain", "silu", "rows")
 
 # Configs as data: values a program holds per tile ([BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
 # and values per thread (sets the warps). The SiLU mode inlines an fp64 exp per value,
@@ -40,8 +41,9 @@ MODES = ("scatter", "gather", "plain", "silu")
 # 60.8, 4096/16 61.1, 1024/16 59.6, 2048/8 62.5; SiLU 1024/8 113.4, 2048/8 117.7,
 # 4096/8 129.0, 2048/4 148.2, 4096/16 132.2.
 PER_TOKEN_CONFIG = {
-    "max_tile_values": {"scatter": 2048, "gather": 2048, "plain": 2048, "silu": 1024},
-    "values_per_thread": {"scatter": 16, "gather": 16, "plain": 16, "silu": 8},
+    "max_tile_values": {"scatter": 2048, "gather": 2048, "plain": 2048, "silu": 1024,
+                        "rows": 2048},
+    "values_per_thread": {"scatter": 16, "gather": 16, "plain": 16, "silu": 8, "rows": 16},
 }
 
 
@@ -109,6 +111,8 @@ def _quantize_rows_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     group = tl.program_id(1)
     if MODE == "scatter":
+        row_mask = rows < num_src_rows
+    elif MODE == "rows":
         row_mask = rows < num_src_rows
     else:
         row_mask = rows < tl.load(expert_offsets_ptr + NUM_EXPERTS)
@@ -201,7 +205,7 @@ def per_token_config(mode: str, num_blocks: int, super_group_size: int, block_k:
 
 
 def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
-                  expert_offsets: torch.Tensor, *, block_k: int, q_max: int,
+                  expert_offsets: torch.Tensor | None, *, block_k: int, q_max: int,
                   super_group_size: int, scale_rounding: str, top_k: int = 1,
                   sorted_pair_ids: torch.Tensor | None = None,
                   pair_to_row: torch.Tensor | None = None,
@@ -212,23 +216,27 @@ def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
 
     ``src``: token rows ``[M, C]`` ("scatter", with ``pair_to_row [M * top_k]``; also
     "gather", with ``sorted_pair_ids [P]``), permuted rows ``[P, C]`` ("plain"), or
-    ``h [P, 2C]`` ("silu"). Rows past ``expert_offsets[E]`` and rows no pair maps to are
-    left unwritten. No host sync: the grid depends on shapes only.
+    ``h [P, 2C]`` ("silu"), any rows ``[P, C]`` ("rows", ``expert_offsets`` None). Rows
+    past ``expert_offsets[E]`` and rows no pair maps to are left unwritten. No host sync: the grid depends on shapes only.
     """
     assert mode in MODES, mode
     assert src.dtype in (torch.float32, torch.bfloat16, torch.float16), src.dtype
     assert src.stride(-1) == 1, "rows must be contiguous"
     assert scale_rounding in SCALE_ROUNDINGS, scale_rounding
     assert num_cols % block_k == 0 and block_k == triton.next_power_of_2(block_k), block_k
-    assert expert_offsets.is_contiguous() and expert_offsets.numel() >= 2
-    num_experts = expert_offsets.numel() - 1
+    if mode == "rows":  # every row of src, no expert segments
+        assert expert_offsets is None and num_pairs == src.shape[0]
+        expert_offsets, num_experts = src, 0  # never read
+    else:
+        assert expert_offsets.is_contiguous() and expert_offsets.numel() >= 2
+        num_experts = expert_offsets.numel() - 1
     num_blocks = num_cols // block_k
     num_groups = -(-num_blocks // super_group_size)
     device = src.device
     a_q = torch.empty(num_pairs, num_cols, dtype=torch.int8, device=device)
     a_qscale = torch.empty(num_pairs, num_blocks, dtype=torch.int32, device=device)
     a_fscale = torch.empty(num_pairs, num_groups, dtype=torch.float32, device=device)
-    num_src_rows = src.shape[0] if mode == "scatter" else num_pairs
+    num_src_rows = src.shape[0] if mode in ("scatter", "rows") else num_pairs
     if num_pairs == 0 or num_src_rows == 0 or num_groups == 0:
         return a_q, a_qscale, a_fscale
     if mode == "scatter":
