@@ -1,30 +1,30 @@
-"""Small-batch (decode) forward: the whole MoE in two launches, no permutation.
+"""Small-batch (decode) forward: four launches, no permutation, weights streamed per pair.
 
 For a few tokens the general pipeline (``forward.py``: permute, quantize, GEMM1, SiLU,
-GEMM2, un-permute) costs six launches, and at one token the launches, not the 25 MB of
-expert weights, set its time. With per-token activation scales (``act_block_m = 1``) a
+GEMM2, un-permute) is bound by its six launches and its 16-row GEMM tiles, not by the
+expert weights it must read. With per-token activation scales (``act_block_m = 1``) a
 pair's arithmetic does not depend on the other pairs, so the path can be regrouped
 without changing a bit of it:
 
-1. ``_gate_up_kernel``, one program per (pair, BLOCK_N columns of h): quantizes its
-   token's row (``quant_per_token``'s arithmetic), runs GEMM1's gate and up columns for
-   the pair's expert (``gemm.py``'s K-block weighting and super-group flush), rounds them
-   to the activation dtype as GEMM1's output is, and writes ``silu(gate) * up`` in fp32
-   (``quant._silu_mul``) to a [P, N] scratch.
-2. ``_down_kernel``, one program per (token, BLOCK_OUT output columns): for all top_k
-   pairs of the token at once, quantizes their h rows, runs GEMM2 for the pair's expert,
-   rounds to the activation dtype, and adds ``w_j * mm2_j`` in order of j in fp32
-   (``unpermute``'s combine).
+1. quantize the M token rows (``quant_per_token``, mode "rows");
+2. ``_gate_up_kernel``, one program per (pair, BLOCK_N columns of h): GEMM1's gate and up
+   columns of the pair's expert (``gemm.py``'s K-block weighting and super-group flush),
+   rounded to the activation dtype as GEMM1's output is, then ``silu(gate) * up`` in fp32
+   (``quant._silu_mul``) into h [P, N];
+3. quantize the P rows of h (mode "rows");
+4. ``_down_kernel``, one program per (token, BLOCK_OUT output columns): GEMM2 for all of
+   the token's top_k pairs at once (a batch dimension), rounded to the activation dtype,
+   then ``unpermute``'s combine ``sum_j w_j * mm2_j`` in order of j.
 
-Same results as the general path: bit for bit under the interpreter (the tests compare
-them); compiled, the fp32 super-group flush is an explicit FMA in both kernels, as the
-general GEMM's compiled code contracts it. The int8 GEMV is a ``tl.dot`` with the
-token's row padded to 16 (the smallest MMA width): the tensor cores do the integer work
-and the kernels stream the weights.
+Same results as the general path: bit for bit under the interpreter, and in every GPU
+comparison so far (compiled, the fp32 super-group flush is an explicit FMA, which the
+general GEMM's ``acc + (f_a * f_b) * S`` contracts to). The int8 dots run on ``dp4a``
+(``_dot4``): at one token a GEMV gives the tensor cores nothing to reuse, and unpacking
+int8 for integer multiply-adds would bind the kernels on the ALUs.
 
-Used by ``forward.moe_forward_triton`` when ``act_block_m == 1``, the GEMM is Triton's,
-there are at most ``DECODE_CONFIG["max_pairs"]`` pairs and a row's quantization tile
-fits (``decode_fits``); otherwise the general path runs.
+The path reads a pair's weights once per pair (the general path: once per expert hit),
+so it pays where pairs seldom share an expert. ``forward.moe_forward_triton`` takes it
+when ``act_block_m == 1``, the GEMM is Triton's, and ``decode_fits``.
 """
 from __future__ import annotations
 
@@ -32,22 +32,21 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.jit_utils import INTERPRETED
+from triton_moe.jit_utils import INTERPRETED, to_output_dtype
 from triton_moe.permute import INVALID_PAIR, _local_expert_ids
-from triton_moe.quant import _quantize_exact, _silu_mul
-from triton_moe.quant_per_token import _group_scales, quantize_rows
-from triton_moe.jit_utils import to_output_dtype
+from triton_moe.quant import _silu_mul
+from triton_moe.quant_per_token import quantize_rows
 
-# Configs as data. ``max_pairs``: up to this many (token, expert) pairs take this path
-# (M * top_k; measured against the general path, bench/results/decode_tuning.md).
-# ``max_prologue_values``: the padded values a program quantizes at once in its prologue
-# (the x row; the top_k h rows); larger rows take the general path.
-# BLOCK_N / BLOCK_OUT: weight rows per program (more programs to stream the weights).
+# Configs as data (bench/results/decode_tuning.md: H200, CUDA graph, against the general
+# path in the same run). At most ``max_pairs`` pairs and at least ``experts_per_pair``
+# experts per pair, so that pairs seldom share an expert: 35B-A3B (E = 256) at M = 4
+# 42.5 vs 53.8 us and M = 8 70.3 vs 73.8; Qwen3-30B-A3B (E = 128) at M = 4 56.8 vs 61.5
+# but M = 8 95.7 vs 84.4; Mixtral (E = 8) at M = 2 209.7 vs 193.7. BLOCK_N / BLOCK_OUT:
+# weight rows per program; stages: K-blocks of weights in flight per program.
 DECODE_CONFIG = {
-    "max_pairs": 16, "prologue": True,
-    "max_prologue_values": 8192,
-    "BLOCK_N": 32, "gate_up_warps": 4, "gate_up_stages": 4,
-    "BLOCK_OUT": 16, "down_warps": 4, "down_stages": 2,
+    "max_pairs": 32, "experts_per_pair": 8,
+    "BLOCK_N": 32, "gate_up_warps": 4, "gate_up_stages": 6,
+    "BLOCK_OUT": 16, "down_warps": 4, "down_stages": 3,
 }
 
 
@@ -81,59 +80,40 @@ def _dot4(a, b):
 
 
 @triton.jit
-def _quantize_to_scratch(src_ptr, stride_src, row_ids, row_ok, group, q_ptr, qs_ptr, fs_ptr,
-                         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SUPER_GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                         Q_MAX: tl.constexpr, ROUNDING: tl.constexpr):
-    """Quantize activation rows per token (``quant_per_token``'s arithmetic) into the
-    scratch the main loop reads: tile row t is super group ``group[t]`` of source row
-    ``row_ids[t]`` (int64), quantized from its values alone, as a super group's scales
-    depend on nothing else; rows with ``row_ok`` false are neither read nor stored.
-    Stores int8 values at ``q_ptr`` [rows, NUM_BLOCKS * BLOCK_K], Q at ``qs_ptr`` [rows,
-    NUM_BLOCKS], F at ``fs_ptr`` [rows, number of groups], then a barrier, so that every
-    thread of the program sees what the others stored."""
-    NUM_COLS: tl.constexpr = NUM_BLOCKS * BLOCK_K
-    NUM_GROUPS: tl.constexpr = (NUM_BLOCKS + SUPER_GROUP - 1) // SUPER_GROUP
-    offs_b = tl.arange(0, GROUP_PAD)
-    offs_k = tl.arange(0, BLOCK_K)
-    blocks = group[:, None] * SUPER_GROUP + offs_b[None, :]
-    in_group = (offs_b[None, :] < SUPER_GROUP) & (blocks < NUM_BLOCKS)
-    cols = blocks[:, :, None] * BLOCK_K + offs_k[None, None, :]
-    mask = in_group[:, :, None] & row_ok[:, None, None]
-    values = tl.load(src_ptr + (row_ids * stride_src)[:, None, None] + cols, mask=mask,
-                     other=0.0).to(tl.float32)
-    block_amax = tl.max(tl.abs(values), axis=2)
-    any_nan = tl.max(tl.max((values != values).to(tl.int32), axis=2), axis=1)
-    fscale, qscale, scale = _group_scales(block_amax, any_nan, in_group, Q_MAX, ROUNDING)
-    values_q = _quantize_exact(values, tl.broadcast_to(scale[:, :, None], values.shape))
-    tl.store(q_ptr + (row_ids * NUM_COLS)[:, None, None] + cols, values_q, mask=mask)
-    tl.store(qs_ptr + (row_ids * NUM_BLOCKS)[:, None] + blocks, qscale,
-             mask=in_group & row_ok[:, None])
-    tl.store(fs_ptr + row_ids * NUM_GROUPS + group, fscale, mask=row_ok)
-    tl.debug_barrier()
+def _dot4(a, b):
+    """Per int32 element: the sum of the products of its four signed bytes in ``a`` and
+    ``b`` (four int8 values packed along K), exact in int32. Compiled: one ``dp4a``
+    instruction (4 multiply-adds; the decode GEMVs would otherwise be bound by unpacking
+    int8 and integer multiply-adds). Interpreter: the same sum by shifts."""
+    if INTERPRETED:
+        total = tl.zeros_like(a)
+        for i in tl.static_range(4):
+            total += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+    else:
+        total = tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)],
+            dtype=tl.int32, is_pure=True, pack=1)
+    return total
 
 
 @triton.jit
 def _gate_up_kernel(
-        x_ptr, topk_ids_ptr, expert_map_ptr, w32_ptr, w_qscale_ptr, w_fscale_ptr,
-        x_q_ptr, x_q32_ptr, x_qs_ptr, x_fs_ptr, h_ptr,
+        topk_ids_ptr, expert_map_ptr, x_q32_ptr, x_qs_ptr, x_fs_ptr,
+        w32_ptr, w_qscale_ptr, w_fscale_ptr, h_ptr,
         num_pairs, num_experts, num_global_experts, inter,
-        stride_xm, stride_we, stride_wn, stride_wqe, stride_wqn, stride_wqk,
+        stride_we, stride_wn, stride_wqe, stride_wqn, stride_wqk,
         stride_wfe, stride_wfn, stride_wfg, stride_hm,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-        BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, GROUPS_PAD: tl.constexpr,
-        GROUP_PAD: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr,
-        SCALE_BLOCK_N: tl.constexpr, BLOCK_N: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-        PROLOGUE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
-    Prologue: quantize the token's row into the scratch (every program of the token
-    stores the same bytes). Main loop, one step per K-block: the exact int32 dots of the
-    gate and up rows with the token's row (``_dot4`` on 4 packed int8 values; weights
-    read as int32 through ``w32_ptr``, strides in int32 units), Q-weighting into the super
-    group's int32 sum, and at the group's last block the fp32 flush: ``gemm.py``'s steps
-    in its order. Nothing is written for a pair with no local expert (dropped by
-    ``expert_map``, or an invalid id): ``_down_kernel`` does not read its row.
+    One loop step per K-block: the exact int32 dots of the gate and up rows with the
+    token's quantized row (``_dot4`` on 4 packed int8 values: the int8 tensors are read as
+    int32 through ``x_q32_ptr`` / ``w32_ptr``, strides in int32 units), the Q-weighting
+    into the super group's int32 sum, and at the group's last block the fp32 flush:
+    ``gemm.py``'s steps in its order. Nothing is written for a pair with no local expert
+    (dropped by ``expert_map``, or an invalid id): ``_down_kernel`` does not read its row.
     """
     pair = tl.program_id(0)
     expert = _local_expert_ids(topk_ids_ptr, expert_map_ptr, pair, num_pairs, num_experts,
@@ -142,13 +122,6 @@ def _gate_up_kernel(
         return
     token = (pair // TOP_K).to(tl.int64)
     NUM_GROUPS: tl.constexpr = (NUM_BLOCKS + SUPER_GROUP - 1) // SUPER_GROUP
-    if PROLOGUE:
-        groups = tl.minimum(tl.arange(0, GROUPS_PAD), NUM_GROUPS - 1)  # padding repeats
-        _quantize_to_scratch(x_ptr, stride_xm, token + tl.zeros([GROUPS_PAD], tl.int64),
-                             tl.full([GROUPS_PAD], 1, tl.int1), groups, x_q_ptr, x_qs_ptr,
-                             x_fs_ptr, NUM_BLOCKS, BLOCK_K, SUPER_GROUP, GROUP_PAD, Q_MAX,
-                             ROUNDING)
-
     K4: tl.constexpr = BLOCK_K // 4
     offs_k4 = tl.arange(0, K4)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -196,37 +169,24 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-        h_ptr, topk_ids_ptr, expert_map_ptr, topk_weights_ptr, w32_ptr, w_qscale_ptr,
-        w_fscale_ptr, h_q_ptr, h_q32_ptr, h_qs_ptr, h_fs_ptr, out_ptr,
+        topk_ids_ptr, expert_map_ptr, topk_weights_ptr, h_q32_ptr, h_qs_ptr, h_fs_ptr,
+        w32_ptr, w_qscale_ptr, w_fscale_ptr, out_ptr,
         num_pairs, num_experts, num_global_experts, hidden,
-        stride_hm, stride_twm, stride_twj, stride_we, stride_wn, stride_wqe, stride_wqn,
+        stride_twm, stride_twj, stride_we, stride_wn, stride_wqe, stride_wqn,
         stride_wqk, stride_wfe, stride_wfn, stride_wfg, stride_om,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr,
-        GROUPS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, Q_MAX: tl.constexpr,
-        ROUNDING: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
-        GEMM_DTYPE: tl.constexpr, PROLOGUE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, GEMM_DTYPE: tl.constexpr,
+        NUM_STAGES: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
-    Prologue: quantize the token's top_k h rows into the scratch. Main loop, one step per
-    K-block, with the top_k pairs as a batch dimension so the weight rows of all of the
-    token's experts stream at once; then ``unpermute``'s combine in order of j. A pair
-    without a local expert adds nothing; an invalid id makes the token NaN.
+    One loop step per K-block of h, with the top_k pairs as a batch dimension so the
+    weight rows of all of the token's experts stream at once; then ``unpermute``'s
+    combine in order of j. A pair without a local expert adds nothing; an invalid id
+    makes the token NaN.
     """
     token = tl.program_id(0)
     NUM_GROUPS: tl.constexpr = (NUM_BLOCKS + SUPER_GROUP - 1) // SUPER_GROUP
-    if PROLOGUE:
-        offs_r = tl.arange(0, TOP_K_PAD * GROUPS_PAD)  # tile row: (pair slot, super group)
-        slot_r = offs_r // GROUPS_PAD
-        experts_r = _local_expert_ids(topk_ids_ptr, expert_map_ptr, token * TOP_K + slot_r,
-                                      num_pairs, num_experts, num_global_experts,
-                                      HAS_EXPERT_MAP)
-        _quantize_to_scratch(h_ptr, stride_hm, (token * TOP_K + slot_r).to(tl.int64),
-                             (slot_r < TOP_K) & (experts_r >= 0),
-                             tl.minimum(offs_r % GROUPS_PAD, NUM_GROUPS - 1),
-                             h_q_ptr, h_qs_ptr, h_fs_ptr, NUM_BLOCKS, BLOCK_K, SUPER_GROUP,
-                             GROUP_PAD, Q_MAX, ROUNDING)
-
     slot = tl.arange(0, TOP_K_PAD)
     pairs = (token * TOP_K + slot).to(tl.int64)
     experts = _local_expert_ids(topk_ids_ptr, expert_map_ptr, pairs, num_pairs, num_experts,
@@ -281,41 +241,21 @@ def _down_kernel(
              to_output_dtype(out, out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _group_pads(num_blocks: int, super_group_size: int) -> tuple[int, int]:
-    """(GROUPS_PAD, GROUP_PAD): a row's super groups and a group's K-blocks, each padded
-    to a power of two."""
-    num_groups = -(-num_blocks // super_group_size)
-    return (triton.next_power_of_2(num_groups),
-            triton.next_power_of_2(min(super_group_size, num_blocks)))
-
-
-def decode_fits(num_tokens: int, top_k: int, hidden: int, inter: int, block_k: int,
-                super_group_size: int) -> bool:
-    """Whether this path takes the call: few pairs, and the rows each program quantizes
-    in its prologue (the x row; the top_k h rows) within ``max_prologue_values``. Host
-    ints only."""
-    if num_tokens * top_k > DECODE_CONFIG["max_pairs"]:
-        return False
-    limit = DECODE_CONFIG["max_prologue_values"]
-    x_groups, x_group = _group_pads(hidden // block_k, super_group_size)
-    h_groups, h_group = _group_pads(inter // block_k, super_group_size)
-    return (x_groups * x_group * block_k <= limit
-            and triton.next_power_of_2(top_k) * h_groups * h_group * block_k <= limit)
-
-
-def _as_int32(w_q: torch.Tensor) -> torch.Tensor:
-    """int8 weights [..., C] viewed as int32 [..., C // 4] (4 K-values per element)."""
-    return w_q.view(torch.int32)
+def decode_fits(num_pairs: int, num_experts: int) -> bool:
+    """Whether this path takes a call of ``num_pairs`` (token, expert) pairs over
+    ``num_experts`` experts: few pairs, and pairs seldom sharing an expert
+    (``DECODE_CONFIG``). Host ints only."""
+    return (0 < num_pairs <= DECODE_CONFIG["max_pairs"]
+            and num_pairs * DECODE_CONFIG["experts_per_pair"] <= num_experts)
 
 
 def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor, *, expert_map: torch.Tensor | None = None,
-                       config: dict | None = None,
-                       stage_callback=None) -> torch.Tensor:
-    """The forward of ``forward.moe_forward_triton`` at ``act_block_m = 1`` in two
-    launches (inputs validated by ``triton_moe.api``; ``topk_ids`` int32 [M, top_k]).
-    ``config`` overrides ``DECODE_CONFIG`` entries; ``stage_callback("decode_down")`` is
-    called between the launches. No host sync."""
+                       config: dict | None = None, stage_callback=None) -> torch.Tensor:
+    """The forward of ``forward.moe_forward_triton`` at ``act_block_m = 1`` (inputs
+    validated by ``triton_moe.api``; ``topk_ids`` int32 [M, top_k]). ``config`` overrides
+    ``DECODE_CONFIG`` entries; ``stage_callback("decode_down")`` is called between the
+    gate/up half and the down half. No host sync."""
     cfg = weights.config
     conf = dict(DECODE_CONFIG, **(config or {}))
     num_tokens, top_k = topk_ids.shape
@@ -335,59 +275,43 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     else:
         map_arg, num_global, has_map = expert_map, expert_map.numel(), True
     common = dict(HAS_EXPERT_MAP=has_map, TOP_K=top_k, BLOCK_K=block_k,
-                  SUPER_GROUP=cfg.super_group_size, Q_MAX=cfg.q_max,
-                  ROUNDING=cfg.scale_rounding, SCALE_BLOCK_N=cfg.block_n,
-                  GEMM_DTYPE=gemm_dtype, PROLOGUE=conf["prologue"])
-    device = hidden_states.device
+                  SUPER_GROUP=cfg.super_group_size, SCALE_BLOCK_N=cfg.block_n,
+                  GEMM_DTYPE=gemm_dtype)
 
-    prologue = conf["prologue"]
+    def quantize(rows: torch.Tensor):
+        """Per-token int8 values (as int32, 4 per element), Q and F of every row."""
+        values, qscale, fscale = quantize_rows(
+            "rows", rows, rows.shape[0], rows.shape[1], None, block_k=block_k,
+            q_max=cfg.q_max, super_group_size=cfg.super_group_size,
+            scale_rounding=cfg.scale_rounding)
+        return values.view(torch.int32), qscale, fscale
 
-    def quantized(src: torch.Tensor):
-        """int8 values (and their int32 view), Q and F of the rows of ``src``: a scratch
-        the kernel's prologue fills, or quantize_rows' output (a launch of its own)."""
-        rows, cols = src.shape
-        if prologue:
-            num_blocks = cols // block_k
-            values = torch.empty(rows, cols, dtype=torch.int8, device=device)
-            q = torch.empty(rows, num_blocks, dtype=torch.int32, device=device)
-            f = torch.empty(rows, -(-num_blocks // cfg.super_group_size),
-                            dtype=torch.float32, device=device)
-        else:
-            values, q, f = quantize_rows("rows", src, rows, cols, None, block_k=block_k,
-                                         q_max=cfg.q_max, super_group_size=cfg.super_group_size,
-                                         scale_rounding=cfg.scale_rounding)
-        return values, values.view(torch.int32), q, f
-
-    h = torch.empty(num_pairs, inter, dtype=torch.float32, device=device)
-    w13 = _as_int32(weights.w13_q)
+    # h rows of pairs without a local expert stay unwritten: their quantization below is
+    # never read.
+    h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
+    w13 = weights.w13_q.view(torch.int32)  # [E, 2N, K // 4]
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
-    x_groups, x_group = _group_pads(hidden // block_k, cfg.super_group_size)
     grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
     _gate_up_kernel[grid](
-        hidden_states, topk_ids, map_arg, w13, w13_qs, w13_fs,
-        *quantized(hidden_states), h,
+        topk_ids, map_arg, *quantize(hidden_states), w13, w13_qs, w13_fs, h,
         num_pairs, num_experts, num_global, inter,
-        hidden_states.stride(0), w13.stride(0), w13.stride(1),
-        w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
+        w13.stride(0), w13.stride(1), w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
-        NUM_BLOCKS=hidden // block_k, GROUPS_PAD=x_groups, GROUP_PAD=x_group,
-        BLOCK_N=conf["BLOCK_N"], NUM_STAGES=conf["gate_up_stages"],
-        num_warps=conf["gate_up_warps"], **common)
+        NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
+        NUM_STAGES=conf["gate_up_stages"], num_warps=conf["gate_up_warps"], **common)
 
     if stage_callback is not None:
         stage_callback("decode_down")
-    w2 = _as_int32(weights.w2_q)
+    w2 = weights.w2_q.view(torch.int32)  # [E, K, N // 4]
     w2_qs, w2_fs = weights.w2_qscale, weights.w2_fscale
-    h_groups, h_group = _group_pads(inter // block_k, cfg.super_group_size)
     grid = (num_tokens, triton.cdiv(hidden, conf["BLOCK_OUT"]))
     _down_kernel[grid](
-        h, topk_ids, map_arg, topk_weights, w2, w2_qs, w2_fs, *quantized(h), out,
+        topk_ids, map_arg, topk_weights, *quantize(h), w2, w2_qs, w2_fs, out,
         num_pairs, num_experts, num_global, hidden,
-        h.stride(0), topk_weights.stride(0), topk_weights.stride(1),
+        topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
-        GROUPS_PAD=h_groups, GROUP_PAD=h_group, BLOCK_OUT=conf["BLOCK_OUT"],
-        NUM_STAGES=conf["down_stages"], num_warps=conf["down_warps"],
-        enable_fp_fusion=False, **common)
+        BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"],
+        num_warps=conf["down_warps"], enable_fp_fusion=False, **common)
     return out

@@ -3,7 +3,7 @@
     permute -> gather+quantize -> GEMM1 -> SiLU*up+quantize -> GEMM2 -> un-permute
 
 A few tokens with per-token scales take ``triton_moe.decode`` instead: the same
-arithmetic in two launches (GEMM1+SiLU per pair, then GEMM2+combine per token).
+arithmetic without the permutation (GEMM1+SiLU per pair, then GEMM2+combine per token).
 
 With per-token activation scales (``act_block_m = 1``) the first quantization runs per
 token and stores each result at the token's top_k rows (``quant_per_token``).
@@ -40,9 +40,9 @@ def moe_forward_triton(hidden_states: torch.Tensor, weights, topk_weights: torch
     """Run the forward on validated inputs (see ``triton_moe.api.moe_forward``).
 
     ``topk_ids`` int32 [M, top_k]; ``act_block_m`` already resolved to an int.
-    ``decode``: take the two-launch small-batch path (``triton_moe.decode``); default:
-    when it applies (per-token scales, Triton's GEMM, ``decode_fits``). Both paths give
-    the same results.
+    ``decode``: take the small-batch path (``triton_moe.decode``); default: when it
+    applies (per-token scales, Triton's GEMM, ``decode_fits``). Both paths give the same
+    results.
     """
     if gemm is None:
         gemm = triton_grouped_gemm
@@ -53,14 +53,12 @@ def moe_forward_triton(hidden_states: torch.Tensor, weights, topk_weights: torch
         return hidden_states.new_empty(hidden_states.shape)
     if decode is None:
         decode = (act_block_m == 1 and gemm is triton_grouped_gemm
-                  and decode_fits(num_tokens, top_k, weights.hidden_size,
-                                  weights.intermediate_size, cfg.block_k,
-                                  cfg.super_group_size))
+                  and decode_fits(num_tokens * top_k, weights.num_experts))
     if decode:
         if act_block_m != 1:
             raise ValueError(f"the decode path needs per-token activation scales "
                              f"(act_block_m=1), got act_block_m={act_block_m}")
-        stage("decode_gate_up")  # the two launches are both stages of this path
+        stage("decode_gate_up")
         out = moe_forward_decode(hidden_states, weights, topk_weights, topk_ids,
                                  expert_map=expert_map, stage_callback=stage)
         stage("end")
