@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rotate", type=_positive_int, default=None, metavar="COPIES",
                      help="input copies rotated between calls (default: enough to move 4x "
                           "the L2 size per rotation, 2..16)")
+    run.add_argument("--no-decode-path", action="store_true",
+                     help="send small batches through the general pipeline too (triton "
+                          "backend), to compare it with the small-batch path "
+                          "(triton_moe.decode)")
     run.add_argument("--no-graph", action="store_true",
                      help="time eager calls only (default: CUDA-graph replay where capture "
                           "works, else eager; the record says which)")
@@ -306,9 +310,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     has_gpu = gpu_present()
     args, workloads = parse_args(argv, has_gpu)
     from bench import driver
-    if has_gpu:
-        return driver.run_gpu(args, workloads, quant_options(args))
-    return driver.run_cpu(args, workloads, quant_options(args))
+    from triton_moe import decode
+    saved = dict(decode.DECODE_CONFIG)
+    if args.no_decode_path:
+        decode.DECODE_CONFIG["max_pairs"] = 0  # decode_fits: never
+    try:
+        if has_gpu:
+            return driver.run_gpu(args, workloads, quant_options(args))
+        return driver.run_cpu(args, workloads, quant_options(args))
+    finally:
+        decode.DECODE_CONFIG.update(saved)
 
 
 if __name__ == "__main__":

@@ -173,9 +173,12 @@ def make_runner(name: str, layer: Layer, inputs: Inputs) -> Runner:
 
         # the torch backend is the exact oracle: it loops over experts on the host
         hint = "the torch backend syncs the host" if name == "torch" else None
+        from triton_moe.decode import DECODE_CONFIG
+        note = ("small-batch path off (--no-decode-path)"
+                if name == "triton" and DECODE_CONFIG["max_pairs"] == 0 else "")
         return Runner(name, run, int8=True,
                       weight_bytes_per_expert=_bytes_per_expert(qweights, experts),
-                      graph_hint=hint, stages=name != "torch")
+                      graph_hint=hint, stages=name != "torch", note=note)
     if name == BASELINE:
         device = layer.w13.device
         why_not = baselines.probe_grouped_mm(device, layer.dtype)

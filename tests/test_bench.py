@@ -457,3 +457,20 @@ def test_git_commit_of_an_exported_copy_is_not_the_outer_repository(tmp_path, mo
     assert report.git_commit() is None
     monkeypatch.setenv("GIT_COMMIT", "abc1234")
     assert report.git_commit() == "abc1234"
+
+
+def test_no_decode_path_flag_sends_small_batches_through_the_general_path(monkeypatch):
+    """--no-decode-path turns the small-batch path off for the run (so both can be
+    compared with `python -m bench`) and restores the configuration afterwards."""
+    from bench import cli
+    from triton_moe import decode
+
+    seen = []
+    monkeypatch.setattr(cli, "gpu_present", lambda: False)
+    monkeypatch.setattr(driver, "run_cpu", lambda *a: seen.append(
+        (decode.DECODE_CONFIG["max_pairs"], decode.decode_fits(8, 256, 3 << 20))) or 0)
+    before = dict(decode.DECODE_CONFIG)
+    assert cli.main(["--no-decode-path"]) == 0
+    assert cli.main([]) == 0
+    assert seen == [(0, False), (before["max_pairs"], True)]
+    assert decode.DECODE_CONFIG == before

@@ -341,8 +341,9 @@ def moe_forward(hidden_states: torch.Tensor, weights: QuantizedMoEWeights,
         backend: "triton", "cutlass" or "torch"; default ``$TRITON_MOE_BACKEND`` or triton.
         expert_map: int32 [E_global], global id -> local id or -1 (pair dropped).
         stage_callback: called with each stage name just before it runs
-            ("permute_quantize", "gemm1", "silu_quantize", "gemm2", "unpermute") and with
-            "end" after the last: hook CUDA events or NVTX ranges here.
+            ("permute_quantize", "gemm1", "silu_quantize", "gemm2", "unpermute"; on the
+            small-batch path of ``triton_moe.decode``: "decode_gate_up", "decode_down")
+            and with "end" after the last: hook CUDA events or NVTX ranges here.
         check_ids: verify that ids lie in range; default True on CPU (free) and False on
             CUDA, where the check would sync the host with the device. Unchecked, an
             out-of-range id makes its token's output NaN (no memory is touched).

@@ -38,13 +38,16 @@ from triton_moe.quant import _silu_mul
 from triton_moe.quant_per_token import quantize_rows
 
 # Configs as data (bench/results/decode_tuning.md: H200, CUDA graph, against the general
-# path in the same run). At most ``max_pairs`` pairs and at least ``experts_per_pair``
-# experts per pair, so that pairs seldom share an expert: 35B-A3B (E = 256) at M = 4
-# 42.5 vs 53.8 us and M = 8 70.3 vs 73.8; Qwen3-30B-A3B (E = 128) at M = 4 56.8 vs 61.5
-# but M = 8 95.7 vs 84.4; Mixtral (E = 8) at M = 2 209.7 vs 193.7. BLOCK_N / BLOCK_OUT:
-# weight rows per program; stages: K-blocks of weights in flight per program.
+# path in the same run). The path takes at most ``max_pairs`` pairs, at least
+# ``experts_per_pair`` experts per pair (so pairs seldom share an expert) and at most
+# ``max_weight_bytes`` of int8 weights per call (pairs x one expert's weights; beyond,
+# the general path streams them near the copy rate). Measured, decode vs general (us):
+# 35B-A3B (E = 256, 3 MB per expert) M = 4 42.5 vs 53.8, M = 8 70.3 vs 73.8; Qwen3-30B-A3B
+# (E = 128) M = 4 56.8 vs 61.5, M = 8 95.7 vs 84.4; Mixtral (E = 8) M = 2 209.7 vs 193.7;
+# DeepSeek-V3 (44 MB per expert) M = 2 (0.7 GB) 195.9 vs 202.3, M = 4 (1.4 GB) 366.3 vs
+# 343.7. BLOCK_N / BLOCK_OUT: weight rows per program; stages: K-blocks in flight.
 DECODE_CONFIG = {
-    "max_pairs": 32, "experts_per_pair": 8,
+    "max_pairs": 32, "experts_per_pair": 8, "max_weight_bytes": 2**30,
     "BLOCK_N": 32, "gate_up_warps": 4, "gate_up_stages": 6,
     "BLOCK_OUT": 16, "down_warps": 4, "down_stages": 3,
 }
@@ -241,12 +244,15 @@ def _down_kernel(
              to_output_dtype(out, out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def decode_fits(num_pairs: int, num_experts: int) -> bool:
+def decode_fits(num_pairs: int, num_experts: int, expert_weight_bytes: int) -> bool:
     """Whether this path takes a call of ``num_pairs`` (token, expert) pairs over
-    ``num_experts`` experts: few pairs, and pairs seldom sharing an expert
-    (``DECODE_CONFIG``). Host ints only."""
-    return (0 < num_pairs <= DECODE_CONFIG["max_pairs"]
-            and num_pairs * DECODE_CONFIG["experts_per_pair"] <= num_experts)
+    ``num_experts`` experts of ``expert_weight_bytes`` int8 weights each (w13 and w2):
+    few pairs, seldom sharing an expert, few weight bytes (``DECODE_CONFIG``). Host ints
+    only."""
+    conf = DECODE_CONFIG
+    return (0 < num_pairs <= conf["max_pairs"]
+            and num_pairs * conf["experts_per_pair"] <= num_experts
+            and num_pairs * expert_weight_bytes <= conf["max_weight_bytes"])
 
 
 def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch.Tensor,

@@ -53,7 +53,8 @@ def moe_forward_triton(hidden_states: torch.Tensor, weights, topk_weights: torch
         return hidden_states.new_empty(hidden_states.shape)
     if decode is None:
         decode = (act_block_m == 1 and gemm is triton_grouped_gemm
-                  and decode_fits(num_tokens * top_k, weights.num_experts))
+                  and decode_fits(num_tokens * top_k, weights.num_experts,
+                                  weights.w13_q[0].numel() + weights.w2_q[0].numel()))
     if decode:
         if act_block_m != 1:
             raise ValueError(f"the decode path needs per-token activation scales "
