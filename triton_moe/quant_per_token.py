@@ -93,8 +93,9 @@ def _quantize_rows_kernel(
         BLOCK_ROWS: tl.constexpr):
     """Quantize rows ``[pid0 * BLOCK_ROWS, +BLOCK_ROWS)`` over super group ``pid1``.
 
-    Source rows are tokens ("scatter", ``num_src_rows`` = M) or permuted rows (the other
-    modes: rows ``>= expert_offsets[E]`` are unused and skipped). Destinations: row r
+    Source rows are tokens ("scatter", ``num_src_rows`` = M), any ``num_src_rows`` rows
+    ("rows") or permuted rows (the other modes: rows ``>= expert_offsets[E]`` are unused
+    and skipped). Destinations: row r
     itself, or in "scatter" the ``top_k`` rows ``pair_to_row[r * top_k + j]`` that are
     ``>= 0`` (dropped pairs are not written).
 
@@ -110,9 +111,7 @@ def _quantize_rows_kernel(
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     group = tl.program_id(1)
-    if MODE == "scatter":
-        row_mask = rows < num_src_rows
-    elif MODE == "rows":
+    if MODE == "scatter" or MODE == "rows":
         row_mask = rows < num_src_rows
     else:
         row_mask = rows < tl.load(expert_offsets_ptr + NUM_EXPERTS)
@@ -217,7 +216,8 @@ def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
     ``src``: token rows ``[M, C]`` ("scatter", with ``pair_to_row [M * top_k]``; also
     "gather", with ``sorted_pair_ids [P]``), permuted rows ``[P, C]`` ("plain"), or
     ``h [P, 2C]`` ("silu"), any rows ``[P, C]`` ("rows", ``expert_offsets`` None). Rows
-    past ``expert_offsets[E]`` and rows no pair maps to are left unwritten. No host sync: the grid depends on shapes only.
+    past ``expert_offsets[E]`` and rows no pair maps to are left unwritten. No host sync:
+    the grid depends on shapes only.
     """
     assert mode in MODES, mode
     assert src.dtype in (torch.float32, torch.bfloat16, torch.float16), src.dtype
