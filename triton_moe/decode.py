@@ -115,20 +115,23 @@ def _gate_up_kernel(
     token's quantized row (``_dot4`` on 4 packed int8 values: the int8 tensors are read as
     int32 through ``x_q32_ptr`` / ``w32_ptr``, strides in int32 units), the Q-weighting
     into the super group's int32 sum, and at the group's last block the fp32 flush:
-    ``gemm.py``'s steps in its order. Nothing is written for a pair with no local expert
-    (dropped by ``expert_map``, or an invalid id): ``_down_kernel`` does not read its row.
+    ``gemm.py``'s steps in its order. A pair with no local expert (dropped by
+    ``expert_map``, or an invalid id) gets a zero row: ``_down_kernel`` does not use it,
+    but h is quantized whole, and must not be read uninitialized.
     """
     pair = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter
     expert = _local_expert_ids(topk_ids_ptr, expert_map_ptr, pair, num_pairs, num_experts,
                                num_global_experts, HAS_EXPERT_MAP)
     if expert < 0:
+        tl.store(h_ptr + pair.to(tl.int64) * stride_hm + cols,
+                 tl.zeros([BLOCK_N], tl.float32), mask=col_mask)
         return
     token = (pair // TOP_K).to(tl.int64)
     NUM_GROUPS: tl.constexpr = (NUM_BLOCKS + SUPER_GROUP - 1) // SUPER_GROUP
     K4: tl.constexpr = BLOCK_K // 4
     offs_k4 = tl.arange(0, K4)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < inter
     w_expert = w32_ptr + expert.to(tl.int64) * stride_we
     gate_rows = w_expert + cols.to(tl.int64) * stride_wn  # rows 0..N-1 of w13: gate
     up_rows = w_expert + (cols + inter).to(tl.int64) * stride_wn  # rows N..2N-1: up
@@ -292,8 +295,6 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
             scale_rounding=cfg.scale_rounding)
         return values.view(torch.int32), qscale, fscale
 
-    # h rows of pairs without a local expert stay unwritten: their quantization below is
-    # never read.
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
     w13 = weights.w13_q.view(torch.int32)  # [E, 2N, K // 4]
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
