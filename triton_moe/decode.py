@@ -19,8 +19,8 @@ without changing a bit of it:
 Same results as the general path: bit for bit under the interpreter, and in every GPU
 comparison so far (compiled, the fp32 super-group flush is an explicit FMA, which the
 general GEMM's ``acc + (f_a * f_b) * S`` contracts to). The int8 dots run on ``dp4a``
-(``_dot4``): at one token a GEMV gives the tensor cores nothing to reuse, and unpacking
-int8 for integer multiply-adds would bind the kernels on the ALUs.
+(``_dot4``): at one token a GEMV gives the tensor cores nothing to reuse, and int8
+``tl.dot`` with the token padded to 16 columns measured slower (tuning log).
 
 The path reads a pair's weights once per pair (the general path: once per expert hit),
 so it pays where pairs seldom share an expert. ``forward.moe_forward_triton`` takes it
@@ -69,25 +69,7 @@ def _flush(acc, f_ab, group_sum):
 def _dot4(a, b):
     """Per int32 element: the sum of the products of its four signed bytes in ``a`` and
     ``b`` (four int8 values packed along K), exact in int32. Compiled: one ``dp4a``
-    instruction (4 multiply-adds; the decode GEMVs would otherwise be bound by unpacking
-    int8 and integer multiply-adds). Interpreter: the same sum by shifts."""
-    if INTERPRETED:
-        total = tl.zeros_like(a)
-        for i in tl.static_range(4):
-            total += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
-    else:
-        total = tl.inline_asm_elementwise(
-            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)],
-            dtype=tl.int32, is_pure=True, pack=1)
-    return total
-
-
-@triton.jit
-def _dot4(a, b):
-    """Per int32 element: the sum of the products of its four signed bytes in ``a`` and
-    ``b`` (four int8 values packed along K), exact in int32. Compiled: one ``dp4a``
-    instruction (4 multiply-adds; the decode GEMVs would otherwise be bound by unpacking
-    int8 and integer multiply-adds). Interpreter: the same sum by shifts."""
+    instruction (4 multiply-adds). Interpreter: the same sum by shifts."""
     if INTERPRETED:
         total = tl.zeros_like(a)
         for i in tl.static_range(4):
