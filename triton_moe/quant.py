@@ -94,6 +94,34 @@ def _silu_mul(gate, up):
 
 
 @triton.jit
+def _group_scales(block_amax, any_nan, in_group, Q_MAX: tl.constexpr,
+                  ROUNDING: tl.constexpr):
+    """Scales of ``[R, GROUP_PAD]`` K-blocks, each row one super group (SPEC 4.2):
+    ``block_amax`` fp32 absmax per block, ``any_nan`` [R] (non-zero: the row saw a NaN,
+    which ``tl.max`` ignores), ``in_group`` which blocks exist (broadcasts to [R,
+    GROUP_PAD]). Returns ``(F [R], Q int32 [R, GROUP_PAD], scale [R, GROUP_PAD])``:
+    ``s = max(absmax / 127, eps)``, ``F = max s / q_max`` (NaN for a NaN row, as torch's
+    ``amax`` gives in the oracle), ``Q`` by the rounding, and the scale the int8 values are
+    quantized with (``Q*F``, or ``s`` for "nearest"); 1.0 at missing blocks. Shared by
+    both quantization kernels (here: one scale row, R = 1; ``quant_per_token``: a tile of
+    token rows)."""
+    s = tl.maximum(tl.math.div_rn(block_amax, tl.full(block_amax.shape, 127.0, tl.float32)),
+                   _SCALE_EPS)
+    s = tl.where(in_group, s, 0.0)  # padding blocks must not raise F
+    fscale = tl.math.div_rn(tl.max(s, axis=1), tl.full(any_nan.shape, Q_MAX * 1.0, tl.float32))
+    fscale = tl.where(any_nan > 0, float("nan"), fscale)
+    ratio = tl.math.div_rn(s, tl.broadcast_to(fscale[:, None], block_amax.shape))
+    if ROUNDING == "consistent":
+        qscale = tl.minimum(tl.maximum(tl.ceil(ratio), 1.0), Q_MAX)
+        scale = qscale * fscale[:, None]  # >= s: nothing clips
+    else:
+        qscale = tl.minimum(tl.maximum((ratio + _RINT_MAGIC) - _RINT_MAGIC, 0.0), Q_MAX)
+        scale = s  # int8 values keep s; the GEMM applies Q*F (reference design)
+    scale = tl.where(in_group, scale, 1.0)
+    return fscale, qscale.to(tl.int32), scale
+
+
+@triton.jit
 def _quantize_fast(values, inv_scale):
     """``(int8 rint(clamp(t, -128, 127)), tie_score)`` for ``t = RN(values * inv_scale)``,
     ``inv_scale = RN(1 / scale)``: the int8 values of SPEC 4.3 without a division per
@@ -246,22 +274,15 @@ def _quantize_act_kernel(
                 block_amax, tl.max(tl.where(hit, tile_amax[None, :], 0.0), axis=1))
         tile_start += TILE_BLOCKS
 
-    # s = max(absmax / 127, eps); F = max_g s / q_max; Q by the chosen rounding (SPEC 4.2).
-    s = tl.maximum(tl.math.div_rn(block_amax, tl.full([GROUP_PAD], 127.0, tl.float32)),
-                   _SCALE_EPS)
-    s = tl.where(in_group, s, 0.0)  # padding blocks must not raise F
-    fscale = tl.math.div_rn(tl.max(s, axis=0), Q_MAX * 1.0)
-    fscale = tl.where(any_nan > 0, float("nan"), fscale)  # as torch's amax propagates NaN
-    ratio = tl.math.div_rn(s, tl.full([GROUP_PAD], fscale, tl.float32))
-    if ROUNDING == "consistent":
-        qscale = tl.minimum(tl.maximum(tl.ceil(ratio), 1.0), Q_MAX)
-        scale = qscale * fscale  # >= s: nothing clips
-    else:
-        qscale = tl.minimum(tl.maximum((ratio + _RINT_MAGIC) - _RINT_MAGIC, 0.0), Q_MAX)
-        scale = s  # int8 values keep s; the GEMM applies Q*F (reference design)
-    scale = tl.where(in_group, scale, 1.0)
+    # s, F, Q of this scale row's super group (SPEC 4.2), as a one-row [1, GROUP_PAD] tile.
+    fscale, qscale, scale = _group_scales(block_amax[None, :],
+                                          tl.full([1], any_nan, tl.int32), in_group[None, :],
+                                          Q_MAX, ROUNDING)
+    fscale = tl.max(fscale, axis=0)  # the one row's F (NaN kept: tl.max of one element)
+    qscale = tl.reshape(qscale, [GROUP_PAD])
+    scale = tl.reshape(scale, [GROUP_PAD])
     inv_scale = tl.math.div_rn(tl.full([GROUP_PAD], 1.0, tl.float32), scale)
-    tl.store(a_qscale_ptr + srow * stride_qsm + first_block + offs_g, qscale.to(tl.int32),
+    tl.store(a_qscale_ptr + srow * stride_qsm + first_block + offs_g, qscale,
              mask=in_group & used)
     tl.store(a_fscale_ptr + srow * stride_fsm + group, fscale, mask=used)
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from reference.quant import SCALE_ROUNDINGS
-from triton_moe.quant import _RINT_MAGIC, _SCALE_EPS, _load_rows, _quantize_exact, tile_config
+from triton_moe.quant import _group_scales, _load_rows, _quantize_exact, tile_config
 
 MODES = ("scatter", "gather", "plain", "silu", "rows")
 
@@ -53,32 +53,6 @@ def _tile_of_group(group_values, offs_g, tile_blocks):
     of the K-tile's blocks ``tile_blocks`` (a one-hot select: no gather)."""
     hit = offs_g[:, None] == tile_blocks[None, :]
     return tl.sum(tl.where(hit[None, :, :], group_values[:, :, None], 0.0), axis=1)
-
-
-@triton.jit
-def _group_scales(block_amax, any_nan, in_group, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr):
-    """Scales of ``[R, GROUP_PAD]`` K-blocks, each row one super group (SPEC 4.2):
-    ``block_amax`` fp32 absmax per block, ``any_nan`` [R] (non-zero: the row saw a NaN,
-    which ``tl.max`` ignores), ``in_group`` which blocks exist (broadcasts to [R,
-    GROUP_PAD]). Returns ``(F [R], Q int32 [R, GROUP_PAD], scale [R, GROUP_PAD])``:
-    ``s = max(absmax / 127, eps)``, ``F = max s / q_max`` (NaN for a NaN row, as torch's
-    ``amax`` gives in the oracle), ``Q`` by the rounding, and the scale the int8 values are
-    quantized with (``Q*F``, or ``s`` for "nearest"); 1.0 at missing blocks. Shared with
-    ``triton_moe.decode``."""
-    s = tl.maximum(tl.math.div_rn(block_amax, tl.full(block_amax.shape, 127.0, tl.float32)),
-                   _SCALE_EPS)
-    s = tl.where(in_group, s, 0.0)  # padding blocks must not raise F
-    fscale = tl.math.div_rn(tl.max(s, axis=1), tl.full(any_nan.shape, Q_MAX * 1.0, tl.float32))
-    fscale = tl.where(any_nan > 0, float("nan"), fscale)
-    ratio = tl.math.div_rn(s, tl.broadcast_to(fscale[:, None], block_amax.shape))
-    if ROUNDING == "consistent":
-        qscale = tl.minimum(tl.maximum(tl.ceil(ratio), 1.0), Q_MAX)
-        scale = qscale * fscale[:, None]  # >= s: nothing clips
-    else:
-        qscale = tl.minimum(tl.maximum((ratio + _RINT_MAGIC) - _RINT_MAGIC, 0.0), Q_MAX)
-        scale = s  # int8 values keep s; the GEMM applies Q*F (reference design)
-    scale = tl.where(in_group, scale, 1.0)
-    return fscale, qscale.to(tl.int32), scale
 
 
 @triton.jit
