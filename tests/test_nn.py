@@ -160,6 +160,18 @@ def _block_error(block, ours, x, out, ref):
     return _rel_l2(out, ref)
 
 
+def _assert_triton_block(block, x):
+    """Int8MoE(block) on the triton backend agrees with the torch backend (the exact
+    emulation) and with the original block within the stated tolerances."""
+    ref = _hidden(block(x))
+    ours = tnn.Int8MoE(block, backend="triton")
+    out = _hidden(ours(x))
+    ours.backend = "torch"
+    exact = _hidden(ours(x))
+    assert _rel_l2(out, exact) < BACKEND_TOL
+    assert _block_error(block, ours, x, out, ref) < BLOCK_TOL
+
+
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3"]
 
 
@@ -321,13 +333,7 @@ def test_block_triton_backend(family, device):
     block = _blocks(model)[0]
     x = torch.randn(1, 12, HIDDEN, generator=torch.Generator().manual_seed(5)).to(device)
     with torch.no_grad():
-        ref = _hidden(block(x))
-        ours = tnn.Int8MoE(block, backend="triton")
-        out = _hidden(ours(x))
-        ours.backend = "torch"
-        exact = _hidden(ours(x))
-        assert _rel_l2(out, exact) < BACKEND_TOL
-        assert _block_error(block, ours, x, out, ref) < BLOCK_TOL
+        _assert_triton_block(block, x)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -343,13 +349,7 @@ def test_gpu_model_bf16(family):
     ids = torch.randint(0, VOCAB, (4, 64), generator=gen).cuda()
     block = _blocks(model)[0]
     with torch.no_grad():
-        ref_block = _hidden(block(x))
-        ours = tnn.Int8MoE(block, backend="triton")
-        out_block = _hidden(ours(x))
-        ours.backend = "torch"
-        exact_block = _hidden(ours(x))
-        assert _rel_l2(out_block, exact_block) < BACKEND_TOL
-        assert _block_error(block, ours, x, out_block, ref_block) < BLOCK_TOL
+        _assert_triton_block(block, x)
         ref = model(ids).logits
         assert tnn.replace_moe_blocks(model, backend="triton") > 0
         out = model(ids).logits
