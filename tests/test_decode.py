@@ -162,7 +162,7 @@ def _aot_main():
     import triton.language as tl
 
     common = dict(HAS_EXPERT_MAP=False, TOP_K=8, BLOCK_K=128, SUPER_GROUP=4,
-                  SCALE_BLOCK_N=64, GEMM_DTYPE=tl.bfloat16)
+                  SCALE_BLOCK_N=64, GEMM_DTYPE=tl.bfloat16, GDC=True, PREFETCH=True)
     ints = ("num_pairs num_experts num_global_experts stride_we stride_wn stride_wqe "
             "stride_wqn stride_wqk stride_wfe stride_wfn stride_wfg").split()
     pointers = dict(topk_ids_ptr="*i32", expert_map_ptr="*i32", w32_ptr="*i32",
@@ -174,7 +174,7 @@ def _aot_main():
              x_qs_ptr="*i32", x_fs_ptr="*fp32", h_ptr="*fp32", **pointers),
         dict(common, NUM_BLOCKS=16, BLOCK_N=conf["BLOCK_N"],
              NUM_STAGES=conf["gate_up_stages"]),
-        num_warps=conf["gate_up_warps"], num_stages=conf["gate_up_stages"])
+        num_warps=conf["gate_up_warps"], num_stages=conf["gate_up_stages"], launch_pdl=True)
     down = compile_for_hopper(
         decode._down_kernel,
         dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_om"]},
@@ -182,21 +182,59 @@ def _aot_main():
              out_ptr="*bf16", **pointers),
         dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
              NUM_STAGES=conf["down_stages"]),
-        num_warps=conf["down_warps"], num_stages=conf["down_stages"], enable_fp_fusion=False)
+        num_warps=conf["down_warps"], num_stages=conf["down_stages"], enable_fp_fusion=False,
+        launch_pdl=True)
+    # The quantization of h, launched with PDL between the two (tests/test_quant.py
+    # compiles this kernel's other modes).
+    from triton_moe import quant_per_token
+    quant_conf = quant_per_token.per_token_config("rows", 4, 4, 128, num_rows=8)
+    quant_warps = quant_conf.pop("num_warps")
+    quant_h = compile_for_hopper(
+        quant_per_token._quantize_rows_kernel,
+        dict({n: "*i32" for n in ("sorted_pair_ids_ptr", "pair_to_row_ptr",
+                                  "expert_offsets_ptr", "a_qscale_ptr")},
+             src_ptr="*fp32", a_q_ptr="*i8", a_fscale_ptr="*fp32",
+             **{n: "i32" for n in ("num_src_rows num_cols num_blocks stride_src_m "
+                                   "stride_aqm stride_qsm stride_fsm").split()}),
+        dict(MODE="rows", TOP_K=1, NUM_EXPERTS=0, BLOCK_K=128, SUPER_GROUP=4, Q_MAX=16,
+             ROUNDING="consistent", GDC=True, **quant_conf),
+        num_warps=quant_warps, launch_pdl=True)
     facts = {}
+    quant_lines = quant_h.asm["ptx"].splitlines()
+    facts["quant_h"] = [next((i for i, line in enumerate(quant_lines) if text in line), -1)
+                        for text in ("griddepcontrol.launch_dependents",
+                                     "griddepcontrol.wait", "ld.global")]
     for name, kernel in (("gate_up", gate_up), ("down", down)):
         ptx = kernel.asm["ptx"]
+        lines = ptx.splitlines()
+
+        def first(text):
+            return next((i for i, line in enumerate(lines) if text in line), len(lines))
+
         facts[name] = {"dp4a": "dp4a.s32.s32" in ptx, "fma": "fma.rn.f32" in ptx,
-                       "fp64_exp": "fma.rn.f64" in ptx, "cp_async": "cp.async" in ptx}
+                       "fp64_exp": "fma.rn.f64" in ptx, "cp_async": "cp.async." in ptx,
+                       "pdl": kernel.metadata.launch_pdl,
+                       "launch_dependents": first("griddepcontrol.launch_dependents"),
+                       "prefetch": first("cp.async.bulk.prefetch.L2.global"),
+                       "wait": first("griddepcontrol.wait"),
+                       "first_cp_async": first("cp.async.ca"),
+                       "lines": len(lines)}
     return facts
 
 
 def test_decode_kernels_compile_for_sm90():
     facts = run_without_interpreter("tests.test_decode", "_aot_main")
+    quant_h = facts.pop("quant_h")
     for name, fact in facts.items():
         assert fact["dp4a"], name  # the int8 dots: 4 multiply-adds per instruction
         assert fact["fma"], name  # the explicit super-group flush
         assert fact["cp_async"], name  # weight loads in flight across K-blocks
+        # PDL: weights are prefetched into L2 before the wait for the previous kernel, and
+        # nothing is loaded through the pipeline (activations) before it.
+        assert fact["pdl"], name
+        assert fact["prefetch"] < fact["wait"] < fact["first_cp_async"] < fact["lines"], fact
+    assert facts["gate_up"]["launch_dependents"] < facts["gate_up"]["prefetch"]
+    assert 0 <= quant_h[0] < quant_h[1] < quant_h[2]  # h is read after the wait
     assert facts["gate_up"]["fp64_exp"]  # SiLU's exp is the oracle's fp64 one
 
 

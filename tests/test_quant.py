@@ -602,7 +602,7 @@ def _compile_per_token_case(mode, src_type, rounding, num_blocks, group):
                  "num_blocks": "i32", "stride_src_m": "i32", "stride_aqm": "i32",
                  "stride_qsm": "i32", "stride_fsm": "i32"}
     constexprs = dict(MODE=mode, TOP_K=8, NUM_EXPERTS=256, BLOCK_K=BLOCK_K,
-                      SUPER_GROUP=group, Q_MAX=Q_MAX, ROUNDING=rounding, **config)
+                      SUPER_GROUP=group, Q_MAX=Q_MAX, ROUNDING=rounding, GDC=False, **config)
     return compile_for_hopper(tri_pt._quantize_rows_kernel, signature, constexprs,
                               num_warps=num_warps)
 

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.jit_utils import INTERPRETED, to_output_dtype
+from triton_moe.jit_utils import (INTERPRETED, pdl_launch_dependents, pdl_wait, prefetch_l2,
+                                  to_output_dtype)
 from triton_moe.permute import INVALID_PAIR, _local_expert_ids
 from triton_moe.quant import _silu_mul
 from triton_moe.quant_per_token import quantize_rows
@@ -50,6 +51,7 @@ DECODE_CONFIG = {
     "max_pairs": 32, "experts_per_pair": 8, "max_weight_bytes": 2**30,
     "BLOCK_N": 32, "gate_up_warps": 4, "gate_up_stages": 6,
     "BLOCK_OUT": 16, "down_warps": 4, "down_stages": 3,
+    "pdl": True, "prefetch": True,
 }
 
 
@@ -90,7 +92,8 @@ def _gate_up_kernel(
         stride_wfe, stride_wfn, stride_wfg, stride_hm,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
-        BLOCK_N: tl.constexpr, GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        BLOCK_N: tl.constexpr, GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
+        GDC: tl.constexpr, PREFETCH: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
     One loop step per K-block: the exact int32 dots of the gate and up rows with the
@@ -101,12 +104,15 @@ def _gate_up_kernel(
     ``expert_map``, or an invalid id) gets a zero row: ``_down_kernel`` does not use it,
     but h is quantized whole, and must not be read uninitialized.
     """
+    pdl_launch_dependents(GDC)
     pair = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_col = tl.program_id(1) * BLOCK_N
+    cols = first_col + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
     expert = _local_expert_ids(topk_ids_ptr, expert_map_ptr, pair, num_pairs, num_experts,
                                num_global_experts, HAS_EXPERT_MAP)
     if expert < 0:
+        pdl_wait(GDC)
         tl.store(h_ptr + pair.to(tl.int64) * stride_hm + cols,
                  tl.zeros([BLOCK_N], tl.float32), mask=col_mask)
         return
@@ -122,6 +128,12 @@ def _gate_up_kernel(
     gate_f = w_fscale_ptr + expert * stride_wfe + (cols // SCALE_BLOCK_N) * stride_wfn
     up_f = w_fscale_ptr + expert * stride_wfe + ((cols + inter) // SCALE_BLOCK_N) * stride_wfn
     x_row4 = x_q32_ptr + token * (NUM_BLOCKS * K4)
+    # The weight rows are ready before the quantized token (launch inputs): stream them
+    # into L2 now, under the previous kernel's tail (PDL), then wait for the token.
+    row_bytes = tl.minimum(inter - first_col, BLOCK_N) * (NUM_BLOCKS * BLOCK_K)
+    prefetch_l2(w_expert + first_col.to(tl.int64) * stride_wn, row_bytes, PREFETCH)
+    prefetch_l2(w_expert + (first_col + inter).to(tl.int64) * stride_wn, row_bytes, PREFETCH)
+    pdl_wait(GDC)
 
     acc_gate = tl.zeros([BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_N], tl.float32)
@@ -165,7 +177,7 @@ def _down_kernel(
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-        NUM_STAGES: tl.constexpr):
+        NUM_STAGES: tl.constexpr, GDC: tl.constexpr, PREFETCH: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
     One loop step per K-block of h, with the top_k pairs as a batch dimension so the
@@ -184,7 +196,8 @@ def _down_kernel(
     safe_experts = tl.maximum(experts, 0).to(tl.int64)
     K4: tl.constexpr = BLOCK_K // 4
     offs_k4 = tl.arange(0, K4)
-    cols = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    first_col = tl.program_id(1) * BLOCK_OUT
+    cols = first_col + tl.arange(0, BLOCK_OUT)
     col_mask = cols < hidden
     w_rows = (w32_ptr + safe_experts[:, None] * stride_we
               + cols.to(tl.int64)[None, :] * stride_wn)  # [TOP_K_PAD, BLOCK_OUT]
@@ -194,6 +207,14 @@ def _down_kernel(
     f_rows = (w_fscale_ptr + safe_experts[:, None] * stride_wfe
               + (cols // SCALE_BLOCK_N)[None, :] * stride_wfn)
     h_rows4 = h_q32_ptr + pairs * (NUM_BLOCKS * K4)
+    # Weights into L2 while the previous kernels finish (PDL), then wait for h.
+    row_bytes = tl.minimum(hidden - first_col, BLOCK_OUT) * (NUM_BLOCKS * BLOCK_K)
+    for j in tl.static_range(TOP_K):
+        expert_j = tl.sum(tl.where(slot == j, experts, 0), axis=0)
+        prefetch_l2(w32_ptr + tl.maximum(expert_j, 0).to(tl.int64) * stride_we
+                    + first_col.to(tl.int64) * stride_wn,
+                    tl.where(expert_j >= 0, row_bytes, 0), PREFETCH)
+    pdl_wait(GDC)
 
     acc = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.float32)
     group_sum = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.int32)
@@ -227,6 +248,12 @@ def _down_kernel(
         out = tl.where(expert_j == INVALID_PAIR, float("nan"), out)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + cols,
              to_output_dtype(out, out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch and bulk L2 prefetch: compiled kernels on sm_90+."""
+    return (not INTERPRETED and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def decode_fits(num_pairs: int, num_experts: int, expert_weight_bytes: int) -> bool:
@@ -269,38 +296,50 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
                   SUPER_GROUP=cfg.super_group_size, SCALE_BLOCK_N=cfg.block_n,
                   GEMM_DTYPE=gemm_dtype)
 
-    def quantize(rows: torch.Tensor):
+    w13 = weights.w13_q.view(torch.int32)  # [E, 2N, K // 4]
+    w2 = weights.w2_q.view(torch.int32)  # [E, K, N // 4]
+    pdl = conf["pdl"] and pdl_supported(hidden_states.device)
+    prefetch = conf["prefetch"] and pdl and all(
+        w.stride(1) == w.shape[2] and w.data_ptr() % 16 == 0 and w.shape[2] % 4 == 0
+        for w in (w13, w2))  # whole rows, 16-byte aligned, back to back
+    pdl_launch = {"launch_pdl": True} if pdl else {}
+
+    def quantize(rows: torch.Tensor, launch_pdl: bool):
         """Per-token int8 values (as int32, 4 per element), Q and F of every row."""
         values, qscale, fscale = quantize_rows(
             "rows", rows, rows.shape[0], rows.shape[1], None, block_k=block_k,
             q_max=cfg.q_max, super_group_size=cfg.super_group_size,
-            scale_rounding=cfg.scale_rounding)
+            scale_rounding=cfg.scale_rounding, gdc=pdl, launch_pdl=launch_pdl)
         return values.view(torch.int32), qscale, fscale
 
+    # Launch order: x quantized (a plain launch: everything before it in the stream has
+    # finished, so the routing is ready), then gate/up, h quantized and down, each launched
+    # with PDL when ``pdl``: the weight kernels find their experts and prefetch weights
+    # before they wait for the activations.
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
-    w13 = weights.w13_q.view(torch.int32)  # [E, 2N, K // 4]
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
     grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
     _gate_up_kernel[grid](
-        topk_ids, map_arg, *quantize(hidden_states), w13, w13_qs, w13_fs, h,
+        topk_ids, map_arg, *quantize(hidden_states, False), w13, w13_qs, w13_fs, h,
         num_pairs, num_experts, num_global, inter,
         w13.stride(0), w13.stride(1), w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
         NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
-        NUM_STAGES=conf["gate_up_stages"], num_warps=conf["gate_up_warps"], **common)
+        NUM_STAGES=conf["gate_up_stages"], num_warps=conf["gate_up_warps"], GDC=pdl,
+        PREFETCH=prefetch, **common, **pdl_launch)
 
     if stage_callback is not None:
         stage_callback("decode_down")
-    w2 = weights.w2_q.view(torch.int32)  # [E, K, N // 4]
     w2_qs, w2_fs = weights.w2_qscale, weights.w2_fscale
     grid = (num_tokens, triton.cdiv(hidden, conf["BLOCK_OUT"]))
     _down_kernel[grid](
-        topk_ids, map_arg, topk_weights, *quantize(h), w2, w2_qs, w2_fs, out,
+        topk_ids, map_arg, topk_weights, *quantize(h, pdl), w2, w2_qs, w2_fs, out,
         num_pairs, num_experts, num_global, hidden,
         topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
         BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"],
-        num_warps=conf["down_warps"], enable_fp_fusion=False, **common)
+        num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, PREFETCH=prefetch,
+        **common, **pdl_launch)
     return out

@@ -42,3 +42,47 @@ def to_output_dtype(x, dtype: tl.constexpr):
             return x.to(tl.bfloat16)
     else:
         return x.to(dtype)  # fp16 / fp32: already RNE in both modes
+
+
+# Programmatic dependent launch (PDL, sm_90+): a kernel launched with ``launch_pdl=True``
+# may start while the kernel before it in the stream still runs, once every program of
+# that kernel has called ``griddepcontrol.launch_dependents`` (or ended). It must then
+# run ``griddepcontrol.wait`` (which returns when the kernel before has finished and its
+# writes are visible) before it reads that kernel's outputs or writes anything. Both
+# instructions do nothing in a kernel launched without PDL. The interpreter runs
+# kernels one after another, so there they are left out.
+
+
+@triton.jit
+def pdl_launch_dependents(GDC: tl.constexpr):
+    """Let the next kernel in the stream start (when it was launched with PDL)."""
+    if GDC and not INTERPRETED:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(GDC: tl.constexpr):
+    """Wait until the kernel before this one has finished and its writes are visible."""
+    if GDC and not INTERPRETED:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def prefetch_l2(ptr, num_bytes, ENABLED: tl.constexpr):
+    """Start streaming ``num_bytes`` (a multiple of 16; 0: nothing) from global memory at
+    ``ptr`` (16-byte aligned) into L2: one bulk-copy prefetch (sm_90), issued by thread 0
+    of the program. A hint with no result; it reads memory that must not be written by
+    the kernel before (under PDL: weights, never activations)."""
+    if ENABLED and not INTERPRETED:
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred %p_first;
+            .reg .pred %p_issue;
+            .reg .b32 %tid_x;
+            mov.u32 %tid_x, %tid.x;
+            setp.eq.u32 %p_first, %tid_x, 0;
+            setp.ne.and.u32 %p_issue, $2, 0, %p_first;
+            @%p_issue cp.async.bulk.prefetch.L2.global [$1], $2;
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r", [ptr, num_bytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

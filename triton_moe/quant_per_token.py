@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from reference.quant import SCALE_ROUNDINGS
+from triton_moe.jit_utils import pdl_launch_dependents, pdl_wait
 from triton_moe.quant import _group_scales, _load_rows, _quantize_exact, tile_config
 
 MODES = ("scatter", "gather", "plain", "silu", "rows")
@@ -64,7 +65,7 @@ def _quantize_rows_kernel(
         MODE: tl.constexpr, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, Q_MAX: tl.constexpr,
         ROUNDING: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_BLOCKS: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr):
+        BLOCK_ROWS: tl.constexpr, GDC: tl.constexpr):
     """Quantize rows ``[pid0 * BLOCK_ROWS, +BLOCK_ROWS)`` over super group ``pid1``.
 
     Source rows are tokens ("scatter", ``num_src_rows`` = M), any ``num_src_rows`` rows
@@ -82,7 +83,12 @@ def _quantize_rows_kernel(
     NaN, as torch's ``amax`` does in the oracle. Pass 2 divides by the block's scale
     (IEEE ``div_rn``) and rounds half to even: the oracle's bits. A super group that fits
     one K-tile (``ONE_TILE``) is loaded once and kept in registers between the passes.
+
+    ``GDC``: let the next kernel start now, and wait for the previous one before reading
+    (programmatic dependent launch, ``jit_utils``; the decode path).
     """
+    pdl_launch_dependents(GDC)
+    pdl_wait(GDC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     group = tl.program_id(1)
     if MODE == "scatter" or MODE == "rows":
@@ -181,7 +187,8 @@ def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
                   expert_offsets: torch.Tensor | None, *, block_k: int, q_max: int,
                   super_group_size: int, scale_rounding: str, top_k: int = 1,
                   sorted_pair_ids: torch.Tensor | None = None,
-                  pair_to_row: torch.Tensor | None = None,
+                  pair_to_row: torch.Tensor | None = None, gdc: bool = False,
+                  launch_pdl: bool = False,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token quantization into ``(a_q int8 [P, C], a_qscale int32 [P, C // block_k],
     a_fscale fp32 [P, SG])``: the outputs of ``triton_moe.quant``'s launchers at
@@ -191,7 +198,9 @@ def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
     "gather", with ``sorted_pair_ids [P]``), permuted rows ``[P, C]`` ("plain"), or
     ``h [P, 2C]`` ("silu"), any rows ``[P, C]`` ("rows", ``expert_offsets`` None). Rows
     past ``expert_offsets[E]`` and rows no pair maps to are left unwritten. No host sync:
-    the grid depends on shapes only.
+    the grid depends on shapes only. ``gdc`` / ``launch_pdl``: programmatic dependent
+    launch (sm_90+, compiled only; ``triton_moe.decode``): the kernel lets the next one
+    start early / is itself launched so.
     """
     assert mode in MODES, mode
     assert src.dtype in (torch.float32, torch.bfloat16, torch.float16), src.dtype
@@ -227,7 +236,8 @@ def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
         num_src_rows, num_cols, num_blocks, src.stride(0), a_q.stride(0),
         a_qscale.stride(0), a_fscale.stride(0),
         MODE=mode, TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_K=block_k,
-        SUPER_GROUP=super_group_size, Q_MAX=q_max, ROUNDING=scale_rounding, **config)
+        SUPER_GROUP=super_group_size, Q_MAX=q_max, ROUNDING=scale_rounding, GDC=gdc,
+        **config, **({"launch_pdl": True} if launch_pdl else {}))
     return a_q, a_qscale, a_fscale
 
 
