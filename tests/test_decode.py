@@ -58,6 +58,10 @@ CASES = {
     "partial_super_group": (2, 384, 384, 4, 2, dict(super_group_size=2)),
     "block_n16": (2, 256, 128, 4, 2, dict(block_n=16)),
     "block_k64": (2, 192, 128, 4, 2, dict(block_k=64, block_n=32)),
+    # K-blocks per loop step (``chunk_blocks``): 2 with a partial last super group (6
+    # blocks, G = 4), 4 over two groups.
+    "chunk2_partial_group": (2, 768, 512, 4, 2, {}),
+    "chunk4_two_groups": (1, 1024, 256, 4, 2, {}),
 }
 
 
@@ -68,6 +72,24 @@ def test_decode_matches_general_path(case, device):
                                   device=device, **quant)
     got = decode.moe_forward_decode(x, weights, tw, ti, config=FAST)
     _assert_same(got, _general(x, weights, tw, ti))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_decode_chunk_sizes(chunk, device):
+    """Every K-blocks-per-step choice gives the general path's bits (8 blocks, G = 4)."""
+    x, weights, tw, ti = _problem(2, 1024, 512, 4, 2, device=device, seed=3)
+    got = decode.moe_forward_decode(x, weights, tw, ti,
+                                    config=dict(FAST, gate_up_chunk=chunk, down_chunk=chunk))
+    _assert_same(got, _general(x, weights, tw, ti))
+
+
+def test_chunk_blocks_never_straddles_a_super_group():
+    assert decode.chunk_blocks(16, 4, 4) == 4
+    assert decode.chunk_blocks(6, 4, 4) == 2  # the partial last group has 2 blocks
+    assert decode.chunk_blocks(3, 2, 4) == 1
+    assert decode.chunk_blocks(56, 4, 8) == 4  # DeepSeek-V3's 7168 / 128
+    assert decode.chunk_blocks(16, 256, 4) == 4
+    assert decode.chunk_blocks(16, 4, 1) == 1
 
 
 @pytest.mark.parametrize("scale_rounding", ["consistent", "nearest"])
@@ -173,6 +195,7 @@ def _aot_main():
         dict({n: "i32" for n in ints + ["inter", "stride_hm"]}, x_q32_ptr="*i32",
              x_qs_ptr="*i32", x_fs_ptr="*fp32", h_ptr="*fp32", **pointers),
         dict(common, NUM_BLOCKS=16, BLOCK_N=conf["BLOCK_N"],
+             CHUNK=decode.chunk_blocks(16, 4, conf["gate_up_chunk"]),
              NUM_STAGES=conf["gate_up_stages"]),
         num_warps=conf["gate_up_warps"], num_stages=conf["gate_up_stages"], launch_pdl=True)
     down = compile_for_hopper(
@@ -181,6 +204,7 @@ def _aot_main():
              topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32", h_fs_ptr="*fp32",
              out_ptr="*bf16", **pointers),
         dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
+             CHUNK=decode.chunk_blocks(4, 4, conf["down_chunk"]),
              NUM_STAGES=conf["down_stages"]),
         num_warps=conf["down_warps"], num_stages=conf["down_stages"], enable_fp_fusion=False,
         launch_pdl=True)

@@ -49,8 +49,8 @@ from triton_moe.quant_per_token import quantize_rows
 # 343.7. BLOCK_N / BLOCK_OUT: weight rows per program; stages: K-blocks in flight.
 DECODE_CONFIG = {
     "max_pairs": 32, "experts_per_pair": 8, "max_weight_bytes": 2**30,
-    "BLOCK_N": 32, "gate_up_warps": 4, "gate_up_stages": 6,
-    "BLOCK_OUT": 16, "down_warps": 4, "down_stages": 3,
+    "BLOCK_N": 32, "gate_up_chunk": 4, "gate_up_warps": 4, "gate_up_stages": 6,
+    "BLOCK_OUT": 16, "down_chunk": 1, "down_warps": 4, "down_stages": 3,
     "pdl": True, "prefetch": True,
 }
 
@@ -84,6 +84,16 @@ def _dot4(a, b):
 
 
 @triton.jit
+def _weighted_dots(w, x4, q_ab, ROWS: tl.constexpr, CHUNK: tl.constexpr, K4: tl.constexpr):
+    """sum_b Q_A Q_B[row, b] * dot(w[row, b, :], x[row, b, :]) over the CHUNK K-blocks of
+    ``w, x [ROWS, CHUNK, K4]`` (int8 x4 as int32): exact int32 (every partial sum is
+    within the super group's bound, SPEC 5: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2
+    per block)."""
+    dots = tl.sum(_dot4(w, x4), axis=2)
+    return tl.sum(dots * q_ab, axis=1)
+
+
+@triton.jit
 def _gate_up_kernel(
         topk_ids_ptr, expert_map_ptr, x_q32_ptr, x_qs_ptr, x_fs_ptr,
         w32_ptr, w_qscale_ptr, w_fscale_ptr, h_ptr,
@@ -92,8 +102,8 @@ def _gate_up_kernel(
         stride_wfe, stride_wfn, stride_wfg, stride_hm,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
-        BLOCK_N: tl.constexpr, GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        GDC: tl.constexpr, PREFETCH: tl.constexpr):
+        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, GEMM_DTYPE: tl.constexpr,
+        NUM_STAGES: tl.constexpr, GDC: tl.constexpr, PREFETCH: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
     One loop step per K-block: the exact int32 dots of the gate and up rows with the
@@ -139,23 +149,30 @@ def _gate_up_kernel(
     acc_up = tl.zeros([BLOCK_N], tl.float32)
     sum_gate = tl.zeros([BLOCK_N], tl.int32)
     sum_up = tl.zeros([BLOCK_N], tl.int32)
-    for kb in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
-        group = kb // SUPER_GROUP
-        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_k4)[None, :], [BLOCK_N, K4])
-        w_gate = tl.load(gate_rows[:, None] + kb * K4 + offs_k4[None, :],
-                         mask=col_mask[:, None], other=0)
-        w_up = tl.load(up_rows[:, None] + kb * K4 + offs_k4[None, :], mask=col_mask[:, None],
+    offs_chunk = tl.arange(0, CHUNK)
+    offs_ck4 = (offs_chunk * K4)[:, None] + offs_k4[None, :]  # [CHUNK, K4]: the chunk's K
+    w_mask = col_mask[:, None, None]
+    for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
+        kb = chunk * CHUNK  # first K-block of the chunk
+        blocks = kb + offs_chunk
+        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4)[None, :, :],
+                             [BLOCK_N, CHUNK, K4])
+        w_gate = tl.load(gate_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :], mask=w_mask,
+                         other=0)
+        w_up = tl.load(up_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :], mask=w_mask,
                        other=0)
-        q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + kb)
-        q_gate = tl.load(gate_q + kb * stride_wqk, mask=col_mask, other=0)
-        q_up = tl.load(up_q + kb * stride_wqk, mask=col_mask, other=0)
-        # int32 weighting: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2 (SPEC 5).
-        sum_gate += tl.sum(_dot4(w_gate, x4), axis=1) * (q_a * q_gate)
-        sum_up += tl.sum(_dot4(w_up, x4), axis=1) * (q_a * q_up)
-        f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + group)
-        f_gate = tl.load(gate_f + group * stride_wfg, mask=col_mask, other=0.0)
-        f_up = tl.load(up_f + group * stride_wfg, mask=col_mask, other=0.0)
-        if ((kb % SUPER_GROUP) == SUPER_GROUP - 1) | (kb == NUM_BLOCKS - 1):
+        q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks)[None, :]
+        q_gate = tl.load(gate_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
+                         other=0)
+        q_up = tl.load(up_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
+                       other=0)
+        sum_gate += _weighted_dots(w_gate, x4, q_a * q_gate, BLOCK_N, CHUNK, K4)
+        sum_up += _weighted_dots(w_up, x4, q_a * q_up, BLOCK_N, CHUNK, K4)
+        if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):  # group ends
+            group = kb // SUPER_GROUP
+            f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + group)
+            f_gate = tl.load(gate_f + group * stride_wfg, mask=col_mask, other=0.0)
+            f_up = tl.load(up_f + group * stride_wfg, mask=col_mask, other=0.0)
             acc_gate = _flush(acc_gate, f_a * f_gate, sum_gate)
             acc_up = _flush(acc_up, f_a * f_up, sum_up)
             sum_gate = tl.zeros_like(sum_gate)
@@ -176,8 +193,9 @@ def _down_kernel(
         stride_wqk, stride_wfe, stride_wfn, stride_wfg, stride_om,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr,
-        SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, GDC: tl.constexpr, PREFETCH: tl.constexpr):
+        SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, CHUNK: tl.constexpr,
+        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, GDC: tl.constexpr,
+        PREFETCH: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
     One loop step per K-block of h, with the top_k pairs as a batch dimension so the
@@ -218,20 +236,26 @@ def _down_kernel(
 
     acc = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.float32)
     group_sum = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.int32)
-    for kb in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
-        group = kb // SUPER_GROUP
-        h4 = tl.load(h_rows4[:, None] + kb * K4 + offs_k4[None, :], mask=kept[:, None],
-                     other=0)
-        w = tl.load(w_rows[:, :, None] + kb * K4 + offs_k4[None, None, :],
-                    mask=w_mask[:, :, None], other=0)
-        dots = tl.sum(_dot4(w, tl.broadcast_to(h4[:, None, :], [TOP_K_PAD, BLOCK_OUT, K4])),
-                      axis=2)
-        q_a = tl.load(h_qs_ptr + pairs * NUM_BLOCKS + kb, mask=kept, other=0)
-        q_w = tl.load(q_rows + kb * stride_wqk, mask=w_mask, other=0)
-        group_sum += dots * (q_a[:, None] * q_w)
-        f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + group, mask=kept, other=0.0)
-        f_w = tl.load(f_rows + group * stride_wfg, mask=w_mask, other=0.0)
-        if ((kb % SUPER_GROUP) == SUPER_GROUP - 1) | (kb == NUM_BLOCKS - 1):
+    offs_chunk = tl.arange(0, CHUNK)
+    offs_ck4 = (offs_chunk * K4)[:, None] + offs_k4[None, :]  # [CHUNK, K4]: the chunk's K
+    for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
+        kb = chunk * CHUNK  # first K-block of the chunk
+        blocks = kb + offs_chunk
+        h4 = tl.load(h_rows4[:, None, None] + kb * K4 + offs_ck4[None, :, :],
+                     mask=kept[:, None, None], other=0)  # [TOP_K_PAD, CHUNK, K4]
+        w = tl.load(w_rows[:, :, None, None] + kb * K4 + offs_ck4[None, None, :, :],
+                    mask=w_mask[:, :, None, None], other=0)  # [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]
+        dots = tl.sum(_dot4(w, tl.broadcast_to(h4[:, None, :, :],
+                                               [TOP_K_PAD, BLOCK_OUT, CHUNK, K4])), axis=3)
+        q_a = tl.load(h_qs_ptr + pairs[:, None] * NUM_BLOCKS + blocks[None, :],
+                      mask=kept[:, None], other=0)  # [TOP_K_PAD, CHUNK]
+        q_w = tl.load(q_rows[:, :, None] + blocks[None, None, :] * stride_wqk,
+                      mask=w_mask[:, :, None], other=0)
+        group_sum += tl.sum(dots * (q_a[:, None, :] * q_w), axis=2)
+        if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):  # group ends
+            group = kb // SUPER_GROUP
+            f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + group, mask=kept, other=0.0)
+            f_w = tl.load(f_rows + group * stride_wfg, mask=w_mask, other=0.0)
             acc = _flush(acc, f_a[:, None] * f_w, group_sum)
             group_sum = tl.zeros_like(group_sum)
 
@@ -248,6 +272,16 @@ def _down_kernel(
         out = tl.where(expert_j == INVALID_PAIR, float("nan"), out)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + cols,
              to_output_dtype(out, out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def chunk_blocks(num_blocks: int, super_group_size: int, max_chunk: int) -> int:
+    """K-blocks per loop step: the largest power of two <= ``max_chunk`` that divides both
+    the number of K-blocks and the super group, so a step never straddles a group."""
+    chunk = 1
+    while (chunk * 2 <= max_chunk and num_blocks % (chunk * 2) == 0
+           and super_group_size % (chunk * 2) == 0):
+        chunk *= 2
+    return chunk
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -325,6 +359,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         w13.stride(0), w13.stride(1), w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
         NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
+        CHUNK=chunk_blocks(hidden // block_k, cfg.super_group_size, conf["gate_up_chunk"]),
         NUM_STAGES=conf["gate_up_stages"], num_warps=conf["gate_up_warps"], GDC=pdl,
         PREFETCH=prefetch, **common, **pdl_launch)
 
@@ -340,6 +375,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
         BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"],
+        CHUNK=chunk_blocks(inter // block_k, cfg.super_group_size, conf["down_chunk"]),
         num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, PREFETCH=prefetch,
         **common, **pdl_launch)
     return out
