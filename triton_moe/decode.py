@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_moe.jit_utils import (INTERPRETED, pdl_launch_dependents, pdl_wait, prefetch_l2,
-                                  to_output_dtype)
+from triton_moe.jit_utils import INTERPRETED, pdl_launch_dependents, pdl_wait, to_output_dtype
 from triton_moe.permute import INVALID_PAIR, _local_expert_ids
 from triton_moe.quant import _silu_mul
 from triton_moe.quant_per_token import quantize_rows
@@ -49,9 +48,9 @@ from triton_moe.quant_per_token import quantize_rows
 # 343.7. BLOCK_N / BLOCK_OUT: weight rows per program; stages: K-blocks in flight.
 DECODE_CONFIG = {
     "max_pairs": 32, "experts_per_pair": 8, "max_weight_bytes": 2**30,
-    "BLOCK_N": 32, "gate_up_chunk": 4, "gate_up_warps": 4, "gate_up_stages": 6,
-    "BLOCK_OUT": 16, "down_chunk": 1, "down_warps": 4, "down_stages": 3,
-    "pdl": True, "prefetch": True,
+    "BLOCK_N": 32, "gate_up_chunk": 4, "gate_up_warps": 4, "gate_up_stages": 3,
+    "BLOCK_OUT": 8, "down_chunk": 4, "down_warps": 4, "down_stages": 2,
+    "pdl": True,
 }
 
 
@@ -103,7 +102,7 @@ def _gate_up_kernel(
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
         BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, GDC: tl.constexpr, PREFETCH: tl.constexpr):
+        NUM_STAGES: tl.constexpr, GDC: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
     One loop step per K-block: the exact int32 dots of the gate and up rows with the
@@ -138,12 +137,7 @@ def _gate_up_kernel(
     gate_f = w_fscale_ptr + expert * stride_wfe + (cols // SCALE_BLOCK_N) * stride_wfn
     up_f = w_fscale_ptr + expert * stride_wfe + ((cols + inter) // SCALE_BLOCK_N) * stride_wfn
     x_row4 = x_q32_ptr + token * (NUM_BLOCKS * K4)
-    # The weight rows are ready before the quantized token (launch inputs): stream them
-    # into L2 now, under the previous kernel's tail (PDL), then wait for the token.
-    row_bytes = tl.minimum(inter - first_col, BLOCK_N) * (NUM_BLOCKS * BLOCK_K)
-    prefetch_l2(w_expert + first_col.to(tl.int64) * stride_wn, row_bytes, PREFETCH)
-    prefetch_l2(w_expert + (first_col + inter).to(tl.int64) * stride_wn, row_bytes, PREFETCH)
-    pdl_wait(GDC)
+    pdl_wait(GDC)  # the quantized token is the previous kernel's output
 
     acc_gate = tl.zeros([BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_N], tl.float32)
@@ -194,8 +188,7 @@ def _down_kernel(
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, CHUNK: tl.constexpr,
-        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, GDC: tl.constexpr,
-        PREFETCH: tl.constexpr):
+        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, GDC: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
     One loop step per K-block of h, with the top_k pairs as a batch dimension so the
@@ -225,14 +218,7 @@ def _down_kernel(
     f_rows = (w_fscale_ptr + safe_experts[:, None] * stride_wfe
               + (cols // SCALE_BLOCK_N)[None, :] * stride_wfn)
     h_rows4 = h_q32_ptr + pairs * (NUM_BLOCKS * K4)
-    # Weights into L2 while the previous kernels finish (PDL), then wait for h.
-    row_bytes = tl.minimum(hidden - first_col, BLOCK_OUT) * (NUM_BLOCKS * BLOCK_K)
-    for j in tl.static_range(TOP_K):
-        expert_j = tl.sum(tl.where(slot == j, experts, 0), axis=0)
-        prefetch_l2(w32_ptr + tl.maximum(expert_j, 0).to(tl.int64) * stride_we
-                    + first_col.to(tl.int64) * stride_wn,
-                    tl.where(expert_j >= 0, row_bytes, 0), PREFETCH)
-    pdl_wait(GDC)
+    pdl_wait(GDC)  # the quantized h is the previous kernel's output
 
     acc = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.float32)
     group_sum = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.int32)
@@ -285,7 +271,7 @@ def chunk_blocks(num_blocks: int, super_group_size: int, max_chunk: int) -> int:
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch and bulk L2 prefetch: compiled kernels on sm_90+."""
+    """Programmatic dependent launch: compiled kernels on sm_90+."""
     return (not INTERPRETED and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
@@ -333,9 +319,6 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     w13 = weights.w13_q.view(torch.int32)  # [E, 2N, K // 4]
     w2 = weights.w2_q.view(torch.int32)  # [E, K, N // 4]
     pdl = conf["pdl"] and pdl_supported(hidden_states.device)
-    prefetch = conf["prefetch"] and pdl and all(
-        w.stride(1) == w.shape[2] and w.data_ptr() % 16 == 0 and w.shape[2] % 4 == 0
-        for w in (w13, w2))  # whole rows, 16-byte aligned, back to back
     pdl_launch = {"launch_pdl": True} if pdl else {}
 
     def quantize(rows: torch.Tensor, launch_pdl: bool):
@@ -346,10 +329,9 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
             scale_rounding=cfg.scale_rounding, gdc=pdl, launch_pdl=launch_pdl)
         return values.view(torch.int32), qscale, fscale
 
-    # Launch order: x quantized (a plain launch: everything before it in the stream has
-    # finished, so the routing is ready), then gate/up, h quantized and down, each launched
-    # with PDL when ``pdl``: the weight kernels find their experts and prefetch weights
-    # before they wait for the activations.
+    # Launch order: x quantized (a plain launch), then gate/up, h quantized and down, each
+    # launched with PDL when ``pdl``: it starts under the tail of the kernel before (which
+    # lets it start at once) and waits for that kernel's output before reading it.
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
     grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
@@ -361,7 +343,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
         CHUNK=chunk_blocks(hidden // block_k, cfg.super_group_size, conf["gate_up_chunk"]),
         NUM_STAGES=conf["gate_up_stages"], num_warps=conf["gate_up_warps"], GDC=pdl,
-        PREFETCH=prefetch, **common, **pdl_launch)
+        **common, **pdl_launch)
 
     if stage_callback is not None:
         stage_callback("decode_down")
@@ -376,6 +358,6 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
         BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"],
         CHUNK=chunk_blocks(inter // block_k, cfg.super_group_size, conf["down_chunk"]),
-        num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, PREFETCH=prefetch,
-        **common, **pdl_launch)
+        num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, **common,
+        **pdl_launch)
     return out

@@ -66,23 +66,3 @@ def pdl_wait(GDC: tl.constexpr):
     if GDC and not INTERPRETED:
         tl.extra.cuda.gdc_wait()
 
-
-@triton.jit
-def prefetch_l2(ptr, num_bytes, ENABLED: tl.constexpr):
-    """Start streaming ``num_bytes`` (a multiple of 16; 0: nothing) from global memory at
-    ``ptr`` (16-byte aligned) into L2: one bulk-copy prefetch (sm_90), issued by thread 0
-    of the program. A hint with no result; it reads memory that must not be written by
-    the kernel before (under PDL: weights, never activations)."""
-    if ENABLED and not INTERPRETED:
-        tl.inline_asm_elementwise(
-            """{
-            .reg .pred %p_first;
-            .reg .pred %p_issue;
-            .reg .b32 %tid_x;
-            mov.u32 %tid_x, %tid.x;
-            setp.eq.u32 %p_first, %tid_x, 0;
-            setp.ne.and.u32 %p_issue, $2, 0, %p_first;
-            @%p_issue cp.async.bulk.prefetch.L2.global [$1], $2;
-            mov.u32 $0, 0;
-            }""",
-            "=r,l,r", [ptr, num_bytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
