@@ -156,17 +156,19 @@ def test_decode_nan_input_poisons_only_its_token(device):
 
 
 def test_decode_dispatch():
-    """Which calls take the decode path: few pairs over many experts, few weight bytes
-    (host ints only)."""
+    """Which calls take the decode path: few pairs, no more pairs than experts, few weight
+    bytes (host ints only)."""
     conf = decode.DECODE_CONFIG
     max_pairs, per_pair = conf["max_pairs"], conf["experts_per_pair"]
     mb = 2**20
     assert decode.decode_fits(8, 256, 3 * mb)  # 35B-A3B, one token
+    assert decode.decode_fits(64, 256, 3 * mb)  # 35B-A3B, 8 tokens
     assert decode.decode_fits(max_pairs, max_pairs * per_pair, 3 * mb)
     assert not decode.decode_fits(max_pairs + 8, 10**6, 3 * mb)  # too many pairs
-    assert not decode.decode_fits(2, 8, 3 * mb)  # Mixtral-like: pairs share 8 experts
-    assert decode.decode_fits(16, 256, 44 * mb)  # DeepSeek-V3, 2 tokens
-    assert not decode.decode_fits(32, 256, 44 * mb)  # 4 tokens: 1.4 GB of weights
+    assert decode.decode_fits(8, 8, 176 * mb)  # Mixtral, 4 tokens: one pair per expert
+    assert not decode.decode_fits(16, 8, 176 * mb)  # 8 tokens: pairs share experts
+    assert decode.decode_fits(32, 256, 44 * mb)  # DeepSeek-V3, 4 tokens: 1.4 GB
+    assert not decode.decode_fits(64, 256, 44 * mb)  # 8 tokens: 2.8 GB of weights
     assert not decode.decode_fits(0, 256, 3 * mb)
 
 

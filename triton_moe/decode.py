@@ -37,17 +37,18 @@ from triton_moe.permute import INVALID_PAIR, _local_expert_ids
 from triton_moe.quant import _silu_mul
 from triton_moe.quant_per_token import quantize_rows
 
-# Configs as data (bench/results/decode_tuning.md: H200, CUDA graph, against the general
-# path in the same run). The path takes at most ``max_pairs`` pairs, at least
-# ``experts_per_pair`` experts per pair (so pairs seldom share an expert) and at most
-# ``max_weight_bytes`` of int8 weights per call (pairs x one expert's weights; beyond,
-# the general path streams them near the copy rate). Measured, decode vs general (us):
-# 35B-A3B (E = 256, 3 MB per expert) M = 4 42.5 vs 53.8, M = 8 70.3 vs 73.8; Qwen3-30B-A3B
-# (E = 128) M = 4 56.8 vs 61.5, M = 8 95.7 vs 84.4; Mixtral (E = 8) M = 2 209.7 vs 193.7;
-# DeepSeek-V3 (44 MB per expert) M = 2 (0.7 GB) 195.9 vs 202.3, M = 4 (1.4 GB) 366.3 vs
-# 343.7. BLOCK_N / BLOCK_OUT: weight rows per program; stages: K-blocks in flight.
+# Configs as data (bench/results/decode_tuning.md: H100, CUDA graph, against the general
+# path in the same session). The path takes at most ``max_pairs`` pairs, at most one pair
+# per expert (``experts_per_pair``: pairs that share an expert read its weights once
+# each) and at most ``max_weight_bytes`` of int8 weights per call (pairs x one expert's
+# weights). Measured at 6ca9cd5, decode vs general (us): 35B-A3B (E = 256, 3 MB per
+# expert) M = 1 20 vs 40, M = 8 (64 pairs) 76 vs 87; Qwen3-30B-A3B (E = 128) M = 4 65 vs
+# 76, M = 8 96 vs 105; Mixtral (E = 8, 8 pairs at M = 4) M = 4 362 vs 395; DeepSeek-V3
+# (44 MB per expert) M = 4 (32 pairs, 1.4 GB) 435 vs 470. Larger cases were not measured.
+# BLOCK_N / BLOCK_OUT: weight rows per program; *_chunk: K-blocks per loop step
+# (``chunk_blocks``); stages: steps in flight; pdl: programmatic dependent launch.
 DECODE_CONFIG = {
-    "max_pairs": 32, "experts_per_pair": 8, "max_weight_bytes": 2**30,
+    "max_pairs": 64, "experts_per_pair": 1, "max_weight_bytes": 3 * 2**29,
     "BLOCK_N": 32, "gate_up_chunk": 4, "gate_up_warps": 4, "gate_up_stages": 3,
     "BLOCK_OUT": 8, "down_chunk": 4, "down_warps": 4, "down_stages": 2,
     "pdl": True,
@@ -279,8 +280,8 @@ def pdl_supported(device: torch.device) -> bool:
 def decode_fits(num_pairs: int, num_experts: int, expert_weight_bytes: int) -> bool:
     """Whether this path takes a call of ``num_pairs`` (token, expert) pairs over
     ``num_experts`` experts of ``expert_weight_bytes`` int8 weights each (w13 and w2):
-    few pairs, seldom sharing an expert, few weight bytes (``DECODE_CONFIG``). Host ints
-    only."""
+    few pairs, no more pairs than experts, few weight bytes (``DECODE_CONFIG``). Host
+    ints only."""
     conf = DECODE_CONFIG
     return (0 < num_pairs <= conf["max_pairs"]
             and num_pairs * conf["experts_per_pair"] <= num_experts
