@@ -75,10 +75,14 @@ def test_decode_matches_general_path(case, device):
     _assert_same(got, _general(x, weights, tw, ti))
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 4])
-def test_decode_chunk_sizes(chunk, device):
-    """Every K-blocks-per-step choice gives the general path's bits (8 blocks, G = 4)."""
-    x, weights, tw, ti = _problem(2, 1024, 512, 4, 2, device=device, seed=3)
+@pytest.mark.parametrize("chunk", [1, 2, 4, 8])
+@pytest.mark.parametrize("super_group", [2, 4])
+def test_decode_chunk_sizes(chunk, super_group, device):
+    """Every K-blocks-per-step choice gives the general path's bits: steps inside a super
+    group, steps of whole groups (flushed in order), one unpipelined step (gate/up: 8
+    K-blocks, down: 4)."""
+    x, weights, tw, ti = _problem(2, 1024, 512, 4, 2, device=device, seed=3,
+                                  super_group_size=super_group)
     got = decode.moe_forward_decode(x, weights, tw, ti,
                                     config=dict(FAST, gate_up_chunk=chunk, down_chunk=chunk))
     _assert_same(got, _general(x, weights, tw, ti))
@@ -86,10 +90,12 @@ def test_decode_chunk_sizes(chunk, device):
 
 def test_chunk_blocks_never_straddles_a_super_group():
     assert decode.chunk_blocks(16, 4, 4) == 4
-    assert decode.chunk_blocks(6, 4, 4) == 2  # the partial last group has 2 blocks
+    assert decode.chunk_blocks(16, 4, 16) == 16  # four whole groups
+    assert decode.chunk_blocks(6, 4, 16) == 2  # the partial last group has 2 blocks
     assert decode.chunk_blocks(3, 2, 4) == 1
-    assert decode.chunk_blocks(56, 4, 8) == 4  # DeepSeek-V3's 7168 / 128
-    assert decode.chunk_blocks(16, 256, 4) == 4
+    assert decode.chunk_blocks(56, 4, 16) == 8  # DeepSeek-V3's 7168 / 128
+    assert decode.chunk_blocks(12, 3, 16) == 1  # G = 3: no power of two fits
+    assert decode.chunk_blocks(16, 256, 16) == 16
     assert decode.chunk_blocks(16, 4, 1) == 1
 
 

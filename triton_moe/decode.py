@@ -49,7 +49,7 @@ from triton_moe.quant_per_token import quantize_rows
 # (``chunk_blocks``); stages: steps in flight; pdl: programmatic dependent launch.
 DECODE_CONFIG = {
     "max_pairs": 64, "experts_per_pair": 1, "max_weight_bytes": 3 * 2**29,
-    "BLOCK_N": 32, "gate_up_chunk": 4, "gate_up_warps": 4, "gate_up_stages": 3,
+    "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_warps": 8, "gate_up_stages": 3,
     "BLOCK_OUT": 8, "down_chunk": 4, "down_warps": 4, "down_stages": 2,
     "pdl": True,
 }
@@ -84,13 +84,23 @@ def _dot4(a, b):
 
 
 @triton.jit
-def _weighted_dots(w, x4, q_ab, ROWS: tl.constexpr, CHUNK: tl.constexpr, K4: tl.constexpr):
-    """sum_b Q_A Q_B[row, b] * dot(w[row, b, :], x[row, b, :]) over the CHUNK K-blocks of
-    ``w, x [ROWS, CHUNK, K4]`` (int8 x4 as int32): exact int32 (every partial sum is
-    within the super group's bound, SPEC 5: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2
-    per block)."""
-    dots = tl.sum(_dot4(w, x4), axis=2)
-    return tl.sum(dots * q_ab, axis=1)
+def _weighted_dots(w, x4, q_ab):
+    """Q_A Q_B * dot(w[..., b, :], x[..., b, :]) for each of the step's K-blocks b, from
+    ``w, x [..., CHUNK, K4]`` (int8 x4 as int32) and ``q_ab [..., CHUNK]``: exact int32
+    (SPEC 5: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2 per block, and a super group's
+    sum stays within int32)."""
+    return tl.sum(_dot4(w, x4), axis=-1) * q_ab
+
+
+@triton.jit
+def _flush_groups(acc, f_ab, group_sums, GROUPS: tl.constexpr):
+    """``acc`` after the flushes of GROUPS whole super groups, in order: ``f_ab`` and
+    ``group_sums`` hold one group per entry of their last axis."""
+    offs = tl.arange(0, GROUPS)
+    for g in tl.static_range(GROUPS):
+        acc = _flush(acc, tl.sum(tl.where(offs == g, f_ab, 0.0), axis=-1),
+                     tl.sum(tl.where(offs == g, group_sums, 0), axis=-1))
+    return acc
 
 
 @triton.jit
@@ -138,7 +148,11 @@ def _gate_up_kernel(
     gate_f = w_fscale_ptr + expert * stride_wfe + (cols // SCALE_BLOCK_N) * stride_wfn
     up_f = w_fscale_ptr + expert * stride_wfe + ((cols + inter) // SCALE_BLOCK_N) * stride_wfn
     x_row4 = x_q32_ptr + token * (NUM_BLOCKS * K4)
-    pdl_wait(GDC)  # the quantized token is the previous kernel's output
+    # One step (NUM_STAGES == 1): the weights are loaded before the wait for the token,
+    # under the previous kernel's tail. Pipelined steps load the token ahead: wait first.
+    ONE_STEP: tl.constexpr = NUM_STAGES == 1
+    if not ONE_STEP:
+        pdl_wait(GDC)  # the quantized token is the previous kernel's output
 
     acc_gate = tl.zeros([BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_N], tl.float32)
@@ -150,28 +164,47 @@ def _gate_up_kernel(
     for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
-        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4)[None, :, :],
-                             [BLOCK_N, CHUNK, K4])
         w_gate = tl.load(gate_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :], mask=w_mask,
                          other=0)
         w_up = tl.load(up_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :], mask=w_mask,
                        other=0)
+        if ONE_STEP:
+            pdl_wait(GDC)
+        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4)[None, :, :],
+                             [BLOCK_N, CHUNK, K4])
         q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks)[None, :]
         q_gate = tl.load(gate_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
                          other=0)
         q_up = tl.load(up_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
                        other=0)
-        sum_gate += _weighted_dots(w_gate, x4, q_a * q_gate, BLOCK_N, CHUNK, K4)
-        sum_up += _weighted_dots(w_up, x4, q_a * q_up, BLOCK_N, CHUNK, K4)
-        if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):  # group ends
-            group = kb // SUPER_GROUP
-            f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + group)
-            f_gate = tl.load(gate_f + group * stride_wfg, mask=col_mask, other=0.0)
-            f_up = tl.load(up_f + group * stride_wfg, mask=col_mask, other=0.0)
-            acc_gate = _flush(acc_gate, f_a * f_gate, sum_gate)
-            acc_up = _flush(acc_up, f_a * f_up, sum_up)
-            sum_gate = tl.zeros_like(sum_gate)
-            sum_up = tl.zeros_like(sum_up)
+        weighted_gate = _weighted_dots(w_gate, x4, q_a * q_gate)  # [BLOCK_N, CHUNK]
+        weighted_up = _weighted_dots(w_up, x4, q_a * q_up)
+        if CHUNK <= SUPER_GROUP:  # the step lies in one group: flush at its last block
+            sum_gate += tl.sum(weighted_gate, axis=1)
+            sum_up += tl.sum(weighted_up, axis=1)
+            if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):
+                group = kb // SUPER_GROUP
+                f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + group)
+                f_gate = tl.load(gate_f + group * stride_wfg, mask=col_mask, other=0.0)
+                f_up = tl.load(up_f + group * stride_wfg, mask=col_mask, other=0.0)
+                acc_gate = _flush(acc_gate, f_a * f_gate, sum_gate)
+                acc_up = _flush(acc_up, f_a * f_up, sum_up)
+                sum_gate = tl.zeros_like(sum_gate)
+                sum_up = tl.zeros_like(sum_up)
+        else:  # the step holds CHUNK // SUPER_GROUP whole groups: flush each, in order
+            GROUPS: tl.constexpr = CHUNK // SUPER_GROUP
+            groups = kb // SUPER_GROUP + tl.arange(0, GROUPS)
+            f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + groups)[None, :]
+            f_gate = tl.load(gate_f[:, None] + groups[None, :] * stride_wfg,
+                             mask=col_mask[:, None], other=0.0)
+            f_up = tl.load(up_f[:, None] + groups[None, :] * stride_wfg,
+                           mask=col_mask[:, None], other=0.0)
+            acc_gate = _flush_groups(
+                acc_gate, f_a * f_gate,
+                tl.sum(tl.reshape(weighted_gate, [BLOCK_N, GROUPS, SUPER_GROUP]), axis=2), GROUPS)
+            acc_up = _flush_groups(
+                acc_up, f_a * f_up,
+                tl.sum(tl.reshape(weighted_up, [BLOCK_N, GROUPS, SUPER_GROUP]), axis=2), GROUPS)
 
     # GEMM1's output dtype, then SiLU as the general path computes it.
     gate = to_output_dtype(acc_gate, GEMM_DTYPE).to(tl.float32)
@@ -219,7 +252,10 @@ def _down_kernel(
     f_rows = (w_fscale_ptr + safe_experts[:, None] * stride_wfe
               + (cols // SCALE_BLOCK_N)[None, :] * stride_wfn)
     h_rows4 = h_q32_ptr + pairs * (NUM_BLOCKS * K4)
-    pdl_wait(GDC)  # the quantized h is the previous kernel's output
+    # As in _gate_up_kernel: one step loads the weights before the wait for h.
+    ONE_STEP: tl.constexpr = NUM_STAGES == 1
+    if not ONE_STEP:
+        pdl_wait(GDC)  # the quantized h is the previous kernel's output
 
     acc = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.float32)
     group_sum = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.int32)
@@ -228,23 +264,38 @@ def _down_kernel(
     for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
-        h4 = tl.load(h_rows4[:, None, None] + kb * K4 + offs_ck4[None, :, :],
-                     mask=kept[:, None, None], other=0)  # [TOP_K_PAD, CHUNK, K4]
         w = tl.load(w_rows[:, :, None, None] + kb * K4 + offs_ck4[None, None, :, :],
                     mask=w_mask[:, :, None, None], other=0)  # [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]
-        dots = tl.sum(_dot4(w, tl.broadcast_to(h4[:, None, :, :],
-                                               [TOP_K_PAD, BLOCK_OUT, CHUNK, K4])), axis=3)
+        if ONE_STEP:
+            pdl_wait(GDC)
+        h4 = tl.load(h_rows4[:, None, None] + kb * K4 + offs_ck4[None, :, :],
+                     mask=kept[:, None, None], other=0)  # [TOP_K_PAD, CHUNK, K4]
         q_a = tl.load(h_qs_ptr + pairs[:, None] * NUM_BLOCKS + blocks[None, :],
                       mask=kept[:, None], other=0)  # [TOP_K_PAD, CHUNK]
         q_w = tl.load(q_rows[:, :, None] + blocks[None, None, :] * stride_wqk,
                       mask=w_mask[:, :, None], other=0)
-        group_sum += tl.sum(dots * (q_a[:, None, :] * q_w), axis=2)
-        if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):  # group ends
-            group = kb // SUPER_GROUP
-            f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + group, mask=kept, other=0.0)
-            f_w = tl.load(f_rows + group * stride_wfg, mask=w_mask, other=0.0)
-            acc = _flush(acc, f_a[:, None] * f_w, group_sum)
-            group_sum = tl.zeros_like(group_sum)
+        weighted = _weighted_dots(
+            w, tl.broadcast_to(h4[:, None, :, :], [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]),
+            q_a[:, None, :] * q_w)  # [TOP_K_PAD, BLOCK_OUT, CHUNK]
+        if CHUNK <= SUPER_GROUP:  # the step lies in one group: flush at its last block
+            group_sum += tl.sum(weighted, axis=2)
+            if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):
+                group = kb // SUPER_GROUP
+                f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + group, mask=kept, other=0.0)
+                f_w = tl.load(f_rows + group * stride_wfg, mask=w_mask, other=0.0)
+                acc = _flush(acc, f_a[:, None] * f_w, group_sum)
+                group_sum = tl.zeros_like(group_sum)
+        else:  # the step holds CHUNK // SUPER_GROUP whole groups: flush each, in order
+            GROUPS: tl.constexpr = CHUNK // SUPER_GROUP
+            groups = kb // SUPER_GROUP + tl.arange(0, GROUPS)
+            f_a = tl.load(h_fs_ptr + pairs[:, None] * NUM_GROUPS + groups[None, :],
+                          mask=kept[:, None], other=0.0)
+            f_w = tl.load(f_rows[:, :, None] + groups[None, None, :] * stride_wfg,
+                          mask=w_mask[:, :, None], other=0.0)
+            acc = _flush_groups(
+                acc, f_a[:, None, :] * f_w,
+                tl.sum(tl.reshape(weighted, [TOP_K_PAD, BLOCK_OUT, GROUPS, SUPER_GROUP]),
+                       axis=3), GROUPS)
 
     mm2 = to_output_dtype(acc, GEMM_DTYPE).to(tl.float32)  # GEMM2's output dtype
     out = tl.zeros([BLOCK_OUT], tl.float32)
@@ -262,13 +313,20 @@ def _down_kernel(
 
 
 def chunk_blocks(num_blocks: int, super_group_size: int, max_chunk: int) -> int:
-    """K-blocks per loop step: the largest power of two <= ``max_chunk`` that divides both
-    the number of K-blocks and the super group, so a step never straddles a group."""
+    """K-blocks per loop step: the largest power of two <= ``max_chunk`` that divides the
+    number of K-blocks and either divides the super group or is a multiple of it, so a
+    step never straddles a group (it lies in one, or holds whole ones)."""
     chunk = 1
-    while (chunk * 2 <= max_chunk and num_blocks % (chunk * 2) == 0
-           and super_group_size % (chunk * 2) == 0):
+    while chunk * 2 <= max_chunk and num_blocks % (chunk * 2) == 0 and (
+            super_group_size % (chunk * 2) == 0 or (chunk * 2) % super_group_size == 0):
         chunk *= 2
     return chunk
+
+
+def _steps(num_blocks: int, chunk: int, stages: int) -> dict:
+    """The loop's constexprs: one step runs unpipelined (NUM_STAGES 1: the kernel then
+    loads its weights before it waits for the previous kernel)."""
+    return dict(CHUNK=chunk, NUM_STAGES=1 if num_blocks == chunk else stages)
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -342,8 +400,10 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         w13.stride(0), w13.stride(1), w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
         NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
-        CHUNK=chunk_blocks(hidden // block_k, cfg.super_group_size, conf["gate_up_chunk"]),
-        NUM_STAGES=conf["gate_up_stages"], num_warps=conf["gate_up_warps"], GDC=pdl,
+        **_steps(hidden // block_k, chunk_blocks(hidden // block_k, cfg.super_group_size,
+                                                 conf["gate_up_chunk"]),
+                 conf["gate_up_stages"]),
+        num_warps=conf["gate_up_warps"], GDC=pdl,
         **common, **pdl_launch)
 
     if stage_callback is not None:
@@ -357,8 +417,10 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
-        BLOCK_OUT=conf["BLOCK_OUT"], NUM_STAGES=conf["down_stages"],
-        CHUNK=chunk_blocks(inter // block_k, cfg.super_group_size, conf["down_chunk"]),
+        BLOCK_OUT=conf["BLOCK_OUT"],
+        **_steps(inter // block_k, chunk_blocks(inter // block_k, cfg.super_group_size,
+                                                conf["down_chunk"]),
+                 conf["down_stages"]),
         num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, **common,
         **pdl_launch)
     return out
