@@ -199,24 +199,33 @@ def _aot_main():
     pointers = dict(topk_ids_ptr="*i32", expert_map_ptr="*i32", w32_ptr="*i32",
                     w_qscale_ptr="*i32", w_fscale_ptr="*fp32")
     conf = decode.DECODE_CONFIG
-    gate_up = compile_for_hopper(
-        decode._gate_up_kernel,
-        dict({n: "i32" for n in ints + ["inter", "stride_hm"]}, x_q32_ptr="*i32",
-             x_qs_ptr="*i32", x_fs_ptr="*fp32", h_ptr="*fp32", **pointers),
-        dict(common, NUM_BLOCKS=16, BLOCK_N=conf["BLOCK_N"],
-             CHUNK=decode.chunk_blocks(16, 4, conf["gate_up_chunk"]),
-             NUM_STAGES=conf["gate_up_stages"]),
-        num_warps=conf["gate_up_warps"], num_stages=conf["gate_up_stages"], launch_pdl=True)
+    gate_up_signature = dict({n: "i32" for n in ints + ["inter", "stride_hm"]},
+                             x_q32_ptr="*i32", x_qs_ptr="*i32", x_fs_ptr="*fp32",
+                             h_ptr="*fp32", **pointers)
+
+    def gate_up_kernel(num_blocks):
+        steps = decode._steps(num_blocks, decode.chunk_blocks(num_blocks, 4,
+                                                              conf["gate_up_chunk"]),
+                              conf["gate_up_stages"])
+        return compile_for_hopper(
+            decode._gate_up_kernel, gate_up_signature,
+            dict(common, NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"], **steps),
+            num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"], launch_pdl=True)
+
+    down_steps = decode._steps(4, decode.chunk_blocks(4, 4, conf["down_chunk"]),
+                               conf["down_stages"])
     down = compile_for_hopper(
         decode._down_kernel,
         dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_om"]},
              topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32", h_fs_ptr="*fp32",
              out_ptr="*bf16", **pointers),
-        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
-             CHUNK=decode.chunk_blocks(4, 4, conf["down_chunk"]),
-             NUM_STAGES=conf["down_stages"]),
-        num_warps=conf["down_warps"], num_stages=conf["down_stages"], enable_fp_fusion=False,
-        launch_pdl=True)
+        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"], **down_steps),
+        num_warps=conf["down_warps"], num_stages=down_steps["NUM_STAGES"],
+        enable_fp_fusion=False, launch_pdl=True)
+    # 35B-A3B: K = 2048 (16 blocks) for gate/up, 512 (4) for down: one step each.
+    # DeepSeek-V3: K = 7168 (56 blocks), pipelined steps.
+    kernels = (("gate_up", gate_up_kernel(16)), ("gate_up_pipelined", gate_up_kernel(56)),
+               ("down", down))
     # The quantization of h, launched with PDL between the two (tests/test_quant.py
     # compiles this kernel's other modes).
     from triton_moe import quant_per_token
@@ -237,7 +246,7 @@ def _aot_main():
     facts["quant_h"] = [next((i for i, line in enumerate(quant_lines) if text in line), -1)
                         for text in ("griddepcontrol.launch_dependents",
                                      "griddepcontrol.wait", "ld.global")]
-    for name, kernel in (("gate_up", gate_up), ("down", down)):
+    for name, kernel in kernels:
         ptx = kernel.asm["ptx"]
         lines = ptx.splitlines()
 
@@ -251,6 +260,10 @@ def _aot_main():
                        "wait": first("griddepcontrol.wait"),
                        "first_cp_async": first("cp.async."),
                        "first_store": first("st.global"),
+                       "loads_before_wait": sum("ld.global" in line
+                                                for line in lines[:first("griddepcontrol.wait")]),
+                       "loads_after_wait": sum("ld.global" in line
+                                               for line in lines[first("griddepcontrol.wait"):]),
                        "lines": len(lines)}
     return facts
 
@@ -264,11 +277,16 @@ def test_decode_kernels_compile_for_sm90():
         # PDL: launched so, waits for the previous kernel before it writes anything.
         assert fact["pdl"], name
         assert fact["wait"] < fact["first_store"] < fact["lines"], fact
-    # gate/up lets the next kernel start at once; its pipelined loads (the token among
-    # them) come after the wait. The down kernel (one step of 4 K-blocks here) loads once.
-    gate_up = facts["gate_up"]
-    assert gate_up["launch_dependents"] < gate_up["wait"] < gate_up["first_cp_async"]
-    assert facts["down"]["launch_dependents"] == facts["down"]["lines"]  # the last kernel
+    # gate/up lets the next kernel start at once. In one step its weight loads come
+    # before the wait (most loads; the token's after); pipelined steps load the token
+    # ahead through cp.async, so they wait first. Down is the last kernel: it lets none
+    # start early.
+    for name in ("gate_up", "down"):
+        assert facts[name]["loads_before_wait"] > facts[name]["loads_after_wait"], facts[name]
+    pipelined = facts["gate_up_pipelined"]
+    assert pipelined["cp_async"] and pipelined["wait"] < pipelined["first_cp_async"]
+    assert facts["gate_up"]["launch_dependents"] < facts["gate_up"]["wait"]
+    assert facts["down"]["launch_dependents"] == facts["down"]["lines"]
     assert 0 <= quant_h[0] < quant_h[1] < quant_h[2]  # h is read after the wait
     assert facts["gate_up"]["fp64_exp"]  # SiLU's exp is the oracle's fp64 one
 

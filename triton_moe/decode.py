@@ -49,8 +49,8 @@ from triton_moe.quant_per_token import quantize_rows
 # (``chunk_blocks``); stages: steps in flight; pdl: programmatic dependent launch.
 DECODE_CONFIG = {
     "max_pairs": 64, "experts_per_pair": 1, "max_weight_bytes": 3 * 2**29,
-    "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_warps": 8, "gate_up_stages": 3,
-    "BLOCK_OUT": 8, "down_chunk": 4, "down_warps": 4, "down_stages": 2,
+    "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_warps": 4, "gate_up_stages": 3,
+    "BLOCK_OUT": 16, "down_chunk": 4, "down_warps": 8, "down_stages": 2,
     "pdl": True,
 }
 
