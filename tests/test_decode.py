@@ -250,7 +250,7 @@ def _aot_main():
         ptx = kernel.asm["ptx"]
         lines = ptx.splitlines()
 
-        def first(text):
+        def first(text, lines=lines):
             return next((i for i, line in enumerate(lines) if text in line), len(lines))
 
         facts[name] = {"dp4a": "dp4a.s32.s32" in ptx, "fma": "fma.rn.f32" in ptx,
