@@ -22,8 +22,14 @@ general GEMM's ``acc + (f_a * f_b) * S`` contracts to). The int8 dots run on ``d
 (``_dot4``): at one token a GEMV gives the tensor cores nothing to reuse, and int8
 ``tl.dot`` with the token padded to 16 columns measured slower (tuning log).
 
+The weight kernels walk K in steps of ``CHUNK`` K-blocks (``chunk_blocks``: a step lies
+in one super group or holds whole ones, flushed in order). On sm_90+ the launches are
+chained by programmatic dependent launch (``jit_utils.pdl_wait``): each kernel lets the
+next start at once, and a program waits for the previous kernel's output only after it
+has found its experts and, when K fits one step, issued its weight loads.
+
 The path reads a pair's weights once per pair (the general path: once per expert hit),
-so it pays where pairs seldom share an expert. ``forward.moe_forward_triton`` takes it
+so it pays where pairs do not outnumber the experts. ``forward.moe_forward_triton`` takes it
 when ``act_block_m == 1``, the GEMM is Triton's, and ``decode_fits``.
 """
 from __future__ import annotations
