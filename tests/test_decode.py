@@ -88,23 +88,6 @@ def test_decode_chunk_sizes(chunk, super_group, device):
     _assert_same(got, _general(x, weights, tw, ti))
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-@pytest.mark.parametrize("super_group", [2, 4])
-def test_decode_quantization_in_the_weight_kernels(fuse, super_group, device):
-    """One-step kernels quantize their activation rows themselves (two launches instead
-    of four): the same bits as the separate quantization launches, with a NaN token, a
-    dropped pair, and one group or several per step."""
-    x, weights, tw, ti = _problem(3, 512, 512, 8, 2, device=device, seed=4,
-                                  super_group_size=super_group)
-    x[1, 7] = float("nan")
-    expert_map = torch.arange(8, dtype=torch.int32, device=device)
-    expert_map[int(ti[2, 0])] = -1
-    got = decode.moe_forward_decode(x, weights, tw, ti, expert_map=expert_map,
-                                    config=dict(FAST, fuse_quantization=fuse))
-    _assert_same(got, _general(x, weights, tw, ti, expert_map=expert_map))
-    assert torch.isnan(got[1]).all() and not torch.isnan(got[[0, 2]]).any()
-
-
 def test_chunk_blocks_never_straddles_a_super_group():
     assert decode.chunk_blocks(16, 4, 4) == 4
     assert decode.chunk_blocks(16, 4, 16) == 16  # four whole groups
@@ -210,16 +193,15 @@ def _aot_main():
     import triton.language as tl
 
     common = dict(HAS_EXPERT_MAP=False, TOP_K=8, BLOCK_K=128, SUPER_GROUP=4,
-                  SCALE_BLOCK_N=64, GEMM_DTYPE=tl.bfloat16, GDC=True, Q_MAX=16,
-                  ROUNDING="consistent")
+                  SCALE_BLOCK_N=64, GEMM_DTYPE=tl.bfloat16, GDC=True)
     ints = ("num_pairs num_experts num_global_experts stride_we stride_wn stride_wqe "
             "stride_wqn stride_wqk stride_wfe stride_wfn stride_wfg").split()
     pointers = dict(topk_ids_ptr="*i32", expert_map_ptr="*i32", w32_ptr="*i32",
                     w_qscale_ptr="*i32", w_fscale_ptr="*fp32")
     conf = decode.DECODE_CONFIG
-    gate_up_signature = dict({n: "i32" for n in ints + ["inter", "stride_xm", "stride_hm"]},
-                             x_ptr="*bf16", x_q32_ptr="*i32", x_qs_ptr="*i32",
-                             x_fs_ptr="*fp32", h_ptr="*fp32", **pointers)
+    gate_up_signature = dict({n: "i32" for n in ints + ["inter", "stride_hm"]},
+                             x_q32_ptr="*i32", x_qs_ptr="*i32", x_fs_ptr="*fp32",
+                             h_ptr="*fp32", **pointers)
 
     def gate_up_kernel(num_blocks):
         steps = decode._steps(num_blocks, decode.chunk_blocks(num_blocks, 4,
@@ -227,20 +209,17 @@ def _aot_main():
                               conf["gate_up_stages"])
         return compile_for_hopper(
             decode._gate_up_kernel, gate_up_signature,
-            dict(common, NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"],
-                 QUANTIZE=steps["NUM_STAGES"] == 1, **steps),
+            dict(common, NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"], **steps),
             num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"], launch_pdl=True)
 
     down_steps = decode._steps(4, decode.chunk_blocks(4, 4, conf["down_chunk"]),
                                conf["down_stages"])
     down = compile_for_hopper(
         decode._down_kernel,
-        dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_hm",
-                                         "stride_om"]},
-             topk_weights_ptr="*fp32", h_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32",
-             h_fs_ptr="*fp32", out_ptr="*bf16", **pointers),
-        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
-             QUANTIZE=True, **down_steps),
+        dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_om"]},
+             topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32", h_fs_ptr="*fp32",
+             out_ptr="*bf16", **pointers),
+        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"], **down_steps),
         num_warps=conf["down_warps"], num_stages=down_steps["NUM_STAGES"],
         enable_fp_fusion=False, launch_pdl=True)
     # 35B-A3B: K = 2048 (16 blocks) for gate/up, 512 (4) for down: one step each.

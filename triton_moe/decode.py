@@ -40,7 +40,7 @@ import triton.language as tl
 
 from triton_moe.jit_utils import INTERPRETED, pdl_launch_dependents, pdl_wait, to_output_dtype
 from triton_moe.permute import INVALID_PAIR, _local_expert_ids
-from triton_moe.quant import _group_scales, _quantize_exact, _silu_mul
+from triton_moe.quant import _silu_mul
 from triton_moe.quant_per_token import quantize_rows
 
 # Configs as data (bench/results/decode_tuning.md: H100, CUDA graph, against the general
@@ -57,7 +57,7 @@ DECODE_CONFIG = {
     "max_pairs": 64, "experts_per_pair": 1, "max_weight_bytes": 3 * 2**29,
     "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_warps": 4, "gate_up_stages": 3,
     "BLOCK_OUT": 16, "down_chunk": 4, "down_warps": 8, "down_stages": 2,
-    "pdl": True, "fuse_quantization": True,
+    "pdl": True,
 }
 
 
@@ -110,45 +110,16 @@ def _flush_groups(acc, f_ab, group_sums, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_packed(values, ROWS: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, Q_MAX: tl.constexpr,
-                     ROUNDING: tl.constexpr):
-    """Per-token quantization of whole rows in registers: ``values`` fp32 [ROWS,
-    NUM_BLOCKS, BLOCK_K] -> (int8 values packed 4 to an int32 [ROWS, NUM_BLOCKS, BLOCK_K //
-    4], Q int32 [ROWS, NUM_BLOCKS], F fp32 [ROWS, groups]): ``quant_per_token``'s bits
-    (``quant._group_scales``, ``quant._quantize_exact``, NaN rows included). The super
-    group holds all NUM_BLOCKS blocks or divides them (``chunk_blocks``)."""
-    if SUPER_GROUP < NUM_BLOCKS:
-        GROUP: tl.constexpr = SUPER_GROUP
-    else:
-        GROUP: tl.constexpr = NUM_BLOCKS
-    GROUPS: tl.constexpr = NUM_BLOCKS // GROUP
-    grouped = tl.reshape(values, [ROWS * GROUPS, GROUP, BLOCK_K])
-    block_amax = tl.max(tl.abs(grouped), axis=2)
-    any_nan = tl.max(tl.max((grouped != grouped).to(tl.int32), axis=2), axis=1)
-    fscale, qscale, scale = _group_scales(block_amax, any_nan,
-                                          (tl.arange(0, GROUP) < GROUP)[None, :], Q_MAX,
-                                          ROUNDING)
-    q8 = _quantize_exact(grouped, tl.broadcast_to(scale[:, :, None],
-                                                  [ROWS * GROUPS, GROUP, BLOCK_K]))
-    four = tl.reshape(q8.to(tl.int32) & 0xFF, [ROWS, NUM_BLOCKS, BLOCK_K // 4, 4])
-    packed = tl.sum(four << (8 * tl.arange(0, 4)), axis=3)  # disjoint bytes: sum == or
-    return (packed, tl.reshape(qscale, [ROWS, NUM_BLOCKS]),
-            tl.reshape(fscale, [ROWS, GROUPS]))
-
-
-@triton.jit
 def _gate_up_kernel(
-        topk_ids_ptr, expert_map_ptr, x_ptr, x_q32_ptr, x_qs_ptr, x_fs_ptr,
+        topk_ids_ptr, expert_map_ptr, x_q32_ptr, x_qs_ptr, x_fs_ptr,
         w32_ptr, w_qscale_ptr, w_fscale_ptr, h_ptr,
         num_pairs, num_experts, num_global_experts, inter,
-        stride_xm, stride_we, stride_wn, stride_wqe, stride_wqn, stride_wqk,
+        stride_we, stride_wn, stride_wqe, stride_wqn, stride_wqk,
         stride_wfe, stride_wfn, stride_wfg, stride_hm,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
         BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, GDC: tl.constexpr, QUANTIZE: tl.constexpr,
-        Q_MAX: tl.constexpr, ROUNDING: tl.constexpr):
+        NUM_STAGES: tl.constexpr, GDC: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
     One loop step per K-block: the exact int32 dots of the gate and up rows with the
@@ -205,17 +176,9 @@ def _gate_up_kernel(
                        other=0)
         if ONE_STEP:
             pdl_wait(GDC)
-        if QUANTIZE:  # one step: the token row, quantized here (no launch of its own)
-            offs_bk = tl.arange(0, BLOCK_K)
-            x_vals = tl.load(x_ptr + token * stride_xm + (blocks * BLOCK_K)[:, None]
-                             + offs_bk[None, :]).to(tl.float32)
-            x4_row, q_a, f_a_row = _quantize_packed(x_vals[None, :, :], 1, CHUNK, BLOCK_K,
-                                                    SUPER_GROUP, Q_MAX, ROUNDING)
-            x4 = tl.broadcast_to(x4_row, [BLOCK_N, CHUNK, K4])
-        else:
-            x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4)[None, :, :],
-                                 [BLOCK_N, CHUNK, K4])
-            q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks)[None, :]
+        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4)[None, :, :],
+                             [BLOCK_N, CHUNK, K4])
+        q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks)[None, :]
         q_gate = tl.load(gate_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
                          other=0)
         q_up = tl.load(up_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
@@ -227,10 +190,7 @@ def _gate_up_kernel(
             sum_up += tl.sum(weighted_up, axis=1)
             if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):
                 group = kb // SUPER_GROUP
-                if QUANTIZE:
-                    f_a = tl.reshape(f_a_row, [1])
-                else:
-                    f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + group)
+                f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + group)
                 f_gate = tl.load(gate_f + group * stride_wfg, mask=col_mask, other=0.0)
                 f_up = tl.load(up_f + group * stride_wfg, mask=col_mask, other=0.0)
                 acc_gate = _flush(acc_gate, f_a * f_gate, sum_gate)
@@ -240,10 +200,7 @@ def _gate_up_kernel(
         else:  # the step holds CHUNK // SUPER_GROUP whole groups: flush each, in order
             GROUPS: tl.constexpr = CHUNK // SUPER_GROUP
             groups = kb // SUPER_GROUP + tl.arange(0, GROUPS)
-            if QUANTIZE:
-                f_a = f_a_row
-            else:
-                f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + groups)[None, :]
+            f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + groups)[None, :]
             f_gate = tl.load(gate_f[:, None] + groups[None, :] * stride_wfg,
                              mask=col_mask[:, None], other=0.0)
             f_up = tl.load(up_f[:, None] + groups[None, :] * stride_wfg,
@@ -263,16 +220,15 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-        topk_ids_ptr, expert_map_ptr, topk_weights_ptr, h_ptr, h_q32_ptr, h_qs_ptr,
-        h_fs_ptr, w32_ptr, w_qscale_ptr, w_fscale_ptr, out_ptr,
+        topk_ids_ptr, expert_map_ptr, topk_weights_ptr, h_q32_ptr, h_qs_ptr, h_fs_ptr,
+        w32_ptr, w_qscale_ptr, w_fscale_ptr, out_ptr,
         num_pairs, num_experts, num_global_experts, hidden,
-        stride_twm, stride_twj, stride_hm, stride_we, stride_wn, stride_wqe, stride_wqn,
+        stride_twm, stride_twj, stride_we, stride_wn, stride_wqe, stride_wqn,
         stride_wqk, stride_wfe, stride_wfn, stride_wfg, stride_om,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
         NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr, CHUNK: tl.constexpr,
-        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, GDC: tl.constexpr,
-        QUANTIZE: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr):
+        GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, GDC: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
     One loop step per K-block of h, with the top_k pairs as a batch dimension so the
@@ -318,18 +274,10 @@ def _down_kernel(
                     mask=w_mask[:, :, None, None], other=0)  # [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]
         if ONE_STEP:
             pdl_wait(GDC)
-        if QUANTIZE:  # one step: the pairs' rows of h, quantized here
-            offs_bk = tl.arange(0, BLOCK_K)
-            h_vals = tl.load(h_ptr + pairs[:, None, None] * stride_hm
-                             + (blocks * BLOCK_K)[None, :, None] + offs_bk[None, None, :],
-                             mask=kept[:, None, None], other=0.0)
-            h4, q_a, f_a_rows = _quantize_packed(h_vals, TOP_K_PAD, CHUNK, BLOCK_K,
-                                                 SUPER_GROUP, Q_MAX, ROUNDING)
-        else:
-            h4 = tl.load(h_rows4[:, None, None] + kb * K4 + offs_ck4[None, :, :],
-                         mask=kept[:, None, None], other=0)  # [TOP_K_PAD, CHUNK, K4]
-            q_a = tl.load(h_qs_ptr + pairs[:, None] * NUM_BLOCKS + blocks[None, :],
-                          mask=kept[:, None], other=0)  # [TOP_K_PAD, CHUNK]
+        h4 = tl.load(h_rows4[:, None, None] + kb * K4 + offs_ck4[None, :, :],
+                     mask=kept[:, None, None], other=0)  # [TOP_K_PAD, CHUNK, K4]
+        q_a = tl.load(h_qs_ptr + pairs[:, None] * NUM_BLOCKS + blocks[None, :],
+                      mask=kept[:, None], other=0)  # [TOP_K_PAD, CHUNK]
         q_w = tl.load(q_rows[:, :, None] + blocks[None, None, :] * stride_wqk,
                       mask=w_mask[:, :, None], other=0)
         weighted = _weighted_dots(
@@ -339,21 +287,15 @@ def _down_kernel(
             group_sum += tl.sum(weighted, axis=2)
             if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):
                 group = kb // SUPER_GROUP
-                if QUANTIZE:
-                    f_a = tl.reshape(f_a_rows, [TOP_K_PAD])
-                else:
-                    f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + group, mask=kept, other=0.0)
+                f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + group, mask=kept, other=0.0)
                 f_w = tl.load(f_rows + group * stride_wfg, mask=w_mask, other=0.0)
                 acc = _flush(acc, f_a[:, None] * f_w, group_sum)
                 group_sum = tl.zeros_like(group_sum)
         else:  # the step holds CHUNK // SUPER_GROUP whole groups: flush each, in order
             GROUPS: tl.constexpr = CHUNK // SUPER_GROUP
             groups = kb // SUPER_GROUP + tl.arange(0, GROUPS)
-            if QUANTIZE:
-                f_a = f_a_rows
-            else:
-                f_a = tl.load(h_fs_ptr + pairs[:, None] * NUM_GROUPS + groups[None, :],
-                              mask=kept[:, None], other=0.0)
+            f_a = tl.load(h_fs_ptr + pairs[:, None] * NUM_GROUPS + groups[None, :],
+                          mask=kept[:, None], other=0.0)
             f_w = tl.load(f_rows[:, :, None] + groups[None, None, :] * stride_wfg,
                           mask=w_mask[:, :, None], other=0.0)
             acc = _flush_groups(
@@ -442,58 +384,49 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     w13 = weights.w13_q.view(torch.int32)  # [E, 2N, K // 4]
     w2 = weights.w2_q.view(torch.int32)  # [E, K, N // 4]
     pdl = conf["pdl"] and pdl_supported(hidden_states.device)
-    common = dict(common, GDC=pdl, Q_MAX=cfg.q_max, ROUNDING=cfg.scale_rounding)
-    gate_up_steps = _steps(hidden // block_k, chunk_blocks(
-        hidden // block_k, cfg.super_group_size, conf["gate_up_chunk"]), conf["gate_up_stages"])
-    down_steps = _steps(inter // block_k, chunk_blocks(
-        inter // block_k, cfg.super_group_size, conf["down_chunk"]), conf["down_stages"])
-    # A kernel whose K fits one step quantizes its activation rows itself (the token's row
-    # in every gate/up program, the top_k rows of h in every down program): no launch of
-    # their own. Otherwise a "rows" launch of quant_per_token comes first.
-    quantize_x = conf["fuse_quantization"] and gate_up_steps["NUM_STAGES"] == 1
-    quantize_h = conf["fuse_quantization"] and down_steps["NUM_STAGES"] == 1
+    pdl_launch = {"launch_pdl": True} if pdl else {}
 
     def quantize(rows: torch.Tensor, launch_pdl: bool):
         """Per-token int8 values (as int32, 4 per element), Q and F of every row."""
         values, qscale, fscale = quantize_rows(
             "rows", rows, rows.shape[0], rows.shape[1], None, block_k=block_k,
             q_max=cfg.q_max, super_group_size=cfg.super_group_size,
-            scale_rounding=cfg.scale_rounding, gdc=pdl, launch_pdl=launch_pdl and pdl)
+            scale_rounding=cfg.scale_rounding, gdc=pdl, launch_pdl=launch_pdl)
         return values.view(torch.int32), qscale, fscale
 
-    # The first launch is a plain one (whatever precedes the forward in the stream has
-    # finished, so the routing is ready); every later one uses PDL when ``pdl``: it starts
-    # under the tail of the kernel before and waits for that kernel's output before
-    # reading it.
+    # Launch order: x quantized (a plain launch), then gate/up, h quantized and down, each
+    # launched with PDL when ``pdl``: it starts under the tail of the kernel before (which
+    # lets it start at once) and waits for that kernel's output before reading it.
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
-    if quantize_x:
-        x_quant = (hidden_states, hidden_states, hidden_states)  # never read
-    else:
-        x_quant = quantize(hidden_states, launch_pdl=False)
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
     grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
     _gate_up_kernel[grid](
-        topk_ids, map_arg, hidden_states, *x_quant, w13, w13_qs, w13_fs, h,
-        num_pairs, num_experts, num_global, inter, hidden_states.stride(0),
+        topk_ids, map_arg, *quantize(hidden_states, False), w13, w13_qs, w13_fs, h,
+        num_pairs, num_experts, num_global, inter,
         w13.stride(0), w13.stride(1), w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
-        NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"], QUANTIZE=quantize_x,
-        num_warps=conf["gate_up_warps"], **gate_up_steps, **common,
-        **({"launch_pdl": True} if pdl and not quantize_x else {}))
+        NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
+        **_steps(hidden // block_k, chunk_blocks(hidden // block_k, cfg.super_group_size,
+                                                 conf["gate_up_chunk"]),
+                 conf["gate_up_stages"]),
+        num_warps=conf["gate_up_warps"], GDC=pdl,
+        **common, **pdl_launch)
 
     if stage_callback is not None:
         stage_callback("decode_down")
-    h_quant = (h, h, h) if quantize_h else quantize(h, launch_pdl=True)  # (h, h, h): unread
     w2_qs, w2_fs = weights.w2_qscale, weights.w2_fscale
     grid = (num_tokens, triton.cdiv(hidden, conf["BLOCK_OUT"]))
     _down_kernel[grid](
-        topk_ids, map_arg, topk_weights, h, *h_quant, w2, w2_qs, w2_fs, out,
+        topk_ids, map_arg, topk_weights, *quantize(h, pdl), w2, w2_qs, w2_fs, out,
         num_pairs, num_experts, num_global, hidden,
-        topk_weights.stride(0), topk_weights.stride(1), h.stride(0),
+        topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
-        BLOCK_OUT=conf["BLOCK_OUT"], QUANTIZE=quantize_h, num_warps=conf["down_warps"],
-        enable_fp_fusion=False, **down_steps, **common,
-        **({"launch_pdl": True} if pdl else {}))
+        BLOCK_OUT=conf["BLOCK_OUT"],
+        **_steps(inter // block_k, chunk_blocks(inter // block_k, cfg.super_group_size,
+                                                conf["down_chunk"]),
+                 conf["down_stages"]),
+        num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, **common,
+        **pdl_launch)
     return out
