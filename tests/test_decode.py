@@ -88,6 +88,20 @@ def test_decode_chunk_sizes(chunk, super_group, device):
     _assert_same(got, _general(x, weights, tw, ti))
 
 
+@pytest.mark.parametrize("super_group", [2, 4])
+def test_decode_nan_token_and_dropped_pair_one_step(super_group, device):
+    """Both weight kernels in one step (one group or several per step), with a NaN token
+    and a dropped pair: the general path's bits."""
+    x, weights, tw, ti = _problem(3, 512, 512, 8, 2, device=device, seed=4,
+                                  super_group_size=super_group)
+    x[1, 7] = float("nan")
+    expert_map = torch.arange(8, dtype=torch.int32, device=device)
+    expert_map[int(ti[2, 0])] = -1
+    got = decode.moe_forward_decode(x, weights, tw, ti, expert_map=expert_map, config=FAST)
+    _assert_same(got, _general(x, weights, tw, ti, expert_map=expert_map))
+    assert torch.isnan(got[1]).all() and not torch.isnan(got[[0, 2]]).any()
+
+
 def test_chunk_blocks_never_straddles_a_super_group():
     assert decode.chunk_blocks(16, 4, 4) == 4
     assert decode.chunk_blocks(16, 4, 16) == 16  # four whole groups
