@@ -267,6 +267,7 @@ def _aot_main():
         def first(text, lines=lines):
             return next((i for i, line in enumerate(lines) if text in line), len(lines))
 
+        wait_line = first("griddepcontrol.wait")
         facts[name] = {"dp4a": "dp4a.s32.s32" in ptx, "fma": "fma.rn.f32" in ptx,
                        "fp64_exp": "fma.rn.f64" in ptx, "cp_async": "cp.async." in ptx,
                        "pdl": kernel.metadata.launch_pdl,
@@ -275,9 +276,9 @@ def _aot_main():
                        "first_cp_async": first("cp.async."),
                        "first_store": first("st.global"),
                        "loads_before_wait": sum("ld.global" in line
-                                                for line in lines[:first("griddepcontrol.wait")]),
+                                                for line in lines[:wait_line]),
                        "loads_after_wait": sum("ld.global" in line
-                                               for line in lines[first("griddepcontrol.wait"):]),
+                                               for line in lines[wait_line:]),
                        "lines": len(lines)}
     return facts
 

@@ -29,8 +29,8 @@ next start at once, and a program waits for the previous kernel's output only af
 has found its experts and, when K fits one step, issued its weight loads.
 
 The path reads a pair's weights once per pair (the general path: once per expert hit),
-so it pays where pairs do not outnumber the experts. ``forward.moe_forward_triton`` takes it
-when ``act_block_m == 1``, the GEMM is Triton's, and ``decode_fits``.
+so it pays where pairs do not outnumber the experts. ``forward.moe_forward_triton``
+takes it when ``act_block_m == 1``, the GEMM is Triton's, and ``decode_fits``.
 """
 from __future__ import annotations
 
@@ -122,11 +122,11 @@ def _gate_up_kernel(
         NUM_STAGES: tl.constexpr, GDC: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
-    One loop step per K-block: the exact int32 dots of the gate and up rows with the
-    token's quantized row (``_dot4`` on 4 packed int8 values: the int8 tensors are read as
-    int32 through ``x_q32_ptr`` / ``w32_ptr``, strides in int32 units), the Q-weighting
-    into the super group's int32 sum, and at the group's last block the fp32 flush:
-    ``gemm.py``'s steps in its order. A pair with no local expert (dropped by
+    One loop step per CHUNK K-blocks: the exact int32 dots of the gate and up rows with
+    the token's quantized row (``_dot4`` on 4 packed int8 values: the int8 tensors are
+    read as int32 through ``x_q32_ptr`` / ``w32_ptr``, strides in int32 units), the
+    Q-weighting into the super group's int32 sum, and at each group's last block the fp32
+    flush: ``gemm.py``'s steps in its order. A pair with no local expert (dropped by
     ``expert_map``, or an invalid id) gets a zero row: ``_down_kernel`` does not use it,
     but h is quantized whole, and must not be read uninitialized.
     """
@@ -170,8 +170,8 @@ def _gate_up_kernel(
     for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
-        w_gate = tl.load(gate_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :], mask=w_mask,
-                         other=0)
+        w_gate = tl.load(gate_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :],
+                         mask=w_mask, other=0)
         w_up = tl.load(up_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :], mask=w_mask,
                        other=0)
         if ONE_STEP:
@@ -179,8 +179,8 @@ def _gate_up_kernel(
         x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4)[None, :, :],
                              [BLOCK_N, CHUNK, K4])
         q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks)[None, :]
-        q_gate = tl.load(gate_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
-                         other=0)
+        q_gate = tl.load(gate_q[:, None] + blocks[None, :] * stride_wqk,
+                         mask=col_mask[:, None], other=0)
         q_up = tl.load(up_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
                        other=0)
         weighted_gate = _weighted_dots(w_gate, x4, q_a * q_gate)  # [BLOCK_N, CHUNK]
@@ -205,12 +205,11 @@ def _gate_up_kernel(
                              mask=col_mask[:, None], other=0.0)
             f_up = tl.load(up_f[:, None] + groups[None, :] * stride_wfg,
                            mask=col_mask[:, None], other=0.0)
-            acc_gate = _flush_groups(
-                acc_gate, f_a * f_gate,
-                tl.sum(tl.reshape(weighted_gate, [BLOCK_N, GROUPS, SUPER_GROUP]), axis=2), GROUPS)
-            acc_up = _flush_groups(
-                acc_up, f_a * f_up,
-                tl.sum(tl.reshape(weighted_up, [BLOCK_N, GROUPS, SUPER_GROUP]), axis=2), GROUPS)
+            sums_gate = tl.sum(tl.reshape(weighted_gate, [BLOCK_N, GROUPS, SUPER_GROUP]),
+                               axis=2)
+            sums_up = tl.sum(tl.reshape(weighted_up, [BLOCK_N, GROUPS, SUPER_GROUP]), axis=2)
+            acc_gate = _flush_groups(acc_gate, f_a * f_gate, sums_gate, GROUPS)
+            acc_up = _flush_groups(acc_up, f_a * f_up, sums_up, GROUPS)
 
     # GEMM1's output dtype, then SiLU as the general path computes it.
     gate = to_output_dtype(acc_gate, GEMM_DTYPE).to(tl.float32)
@@ -231,8 +230,8 @@ def _down_kernel(
         GEMM_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr, GDC: tl.constexpr):
     """out[token, cols] = sum_j w_j * mm2_j[cols] for ``cols`` = BLOCK_OUT output columns.
 
-    One loop step per K-block of h, with the top_k pairs as a batch dimension so the
-    weight rows of all of the token's experts stream at once; then ``unpermute``'s
+    One loop step per CHUNK K-blocks of h, with the top_k pairs as a batch dimension so
+    the weight rows of all of the token's experts stream at once; then ``unpermute``'s
     combine in order of j. A pair without a local expert adds nothing; an invalid id
     makes the token NaN.
     """
@@ -270,8 +269,9 @@ def _down_kernel(
     for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
+        # [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]
         w = tl.load(w_rows[:, :, None, None] + kb * K4 + offs_ck4[None, None, :, :],
-                    mask=w_mask[:, :, None, None], other=0)  # [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]
+                    mask=w_mask[:, :, None, None], other=0)
         if ONE_STEP:
             pdl_wait(GDC)
         h4 = tl.load(h_rows4[:, None, None] + kb * K4 + offs_ck4[None, :, :],
