@@ -59,6 +59,17 @@ _LAST_TIE_BIT = tl.constexpr(62)
 
 
 @triton.jit
+def _k_tile(tile_start, first_block, group_blocks, offs_t, offs_k, BLOCK_K: tl.constexpr):
+    """The K-tile of a super group that starts at its block ``tile_start``: the tile's
+    block indices in the group ``[TILE_BLOCKS]``, their columns ``[TILE_BLOCKS, BLOCK_K]``
+    and which of them exist (blocks past ``group_blocks`` are padding)."""
+    tile_blocks = tile_start + offs_t
+    cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
+    col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
+    return tile_blocks, cols, col_mask
+
+
+@triton.jit
 def _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask, stride_src_m,
                num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr):
     """Values ``[BLOCK_ROWS, TILE_BLOCKS, BLOCK_K]`` of the matrix being quantized at rows
@@ -249,9 +260,8 @@ def _quantize_act_kernel(
     any_nan = 0
     tile_start = 0
     while tile_start < group_blocks:
-        tile_blocks = tile_start + offs_t
-        cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
-        col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
+        tile_blocks, cols, col_mask = _k_tile(tile_start, first_block, group_blocks,
+                                              offs_t, offs_k, BLOCK_K)
         row_amax = tl.full([BLOCK_ROWS, TILE_BLOCKS], 0.0, tl.float32)
         row = row_start
         while row < row_end:
@@ -291,9 +301,8 @@ def _quantize_act_kernel(
     tie_bits = tl.full([BLOCK_ROWS, TILE_BLOCKS], 0, tl.int64)
     tile_start = 0
     while tile_start < group_blocks:
-        tile_blocks = tile_start + offs_t
-        cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
-        col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
+        tile_blocks, cols, col_mask = _k_tile(tile_start, first_block, group_blocks,
+                                              offs_t, offs_k, BLOCK_K)
         if ONE_TILE:
             tile_inv = inv_scale
         else:
@@ -331,9 +340,8 @@ def _quantize_act_kernel(
             last = tl.where(ties == 1, row_end, tl.minimum(first + BLOCK_ROWS, row_end))
             tile_start = 0
             while tile_start < group_blocks:
-                tile_blocks = tile_start + offs_t
-                cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
-                col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
+                tile_blocks, cols, col_mask = _k_tile(tile_start, first_block, group_blocks,
+                                                      offs_t, offs_k, BLOCK_K)
                 hit = offs_g[:, None] == tile_blocks[None, :]
                 tile_scale = tl.max(tl.where(hit, scale[:, None], 0.0), axis=0)
                 tile_scale = tl.where(tile_blocks < group_blocks, tile_scale, 1.0)

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from reference.quant import SCALE_ROUNDINGS
 from triton_moe.jit_utils import pdl_launch_dependents, pdl_wait
-from triton_moe.quant import _group_scales, _load_rows, _quantize_exact, tile_config
+from triton_moe.quant import (_group_scales, _k_tile, _load_rows, _quantize_exact,
+                               tile_config)
 
 MODES = ("scatter", "gather", "plain", "silu", "rows")
 
@@ -113,9 +114,8 @@ def _quantize_rows_kernel(
     kept = tl.full([BLOCK_ROWS, TILE_BLOCKS, BLOCK_K], 0.0, VALUE_DTYPE)
     tile_start = 0
     while tile_start < group_blocks:
-        tile_blocks = tile_start + offs_t
-        cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
-        col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
+        tile_blocks, cols, col_mask = _k_tile(tile_start, first_block, group_blocks,
+                                              offs_t, offs_k, BLOCK_K)
         values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask,
                             stride_src_m, num_cols, MODE, TOP_K)
         values_f32 = values.to(tl.float32)
@@ -137,9 +137,8 @@ def _quantize_rows_kernel(
     # Pass 2: int8 values; stored (with Q and F) at every destination row.
     tile_start = 0
     while tile_start < group_blocks:
-        tile_blocks = tile_start + offs_t
-        cols = (first_block + tile_blocks)[:, None] * BLOCK_K + offs_k[None, :]
-        col_mask = (tile_blocks < group_blocks)[:, None] & (offs_k < BLOCK_K)[None, :]
+        tile_blocks, cols, col_mask = _k_tile(tile_start, first_block, group_blocks,
+                                              offs_t, offs_k, BLOCK_K)
         if ONE_TILE:
             values = kept
             tile_scale = scale
