@@ -59,9 +59,9 @@ CASES = {
     "partial_super_group": (2, 384, 384, 4, 2, dict(super_group_size=2)),
     "block_n16": (2, 256, 128, 4, 2, dict(block_n=16)),
     "block_k64": (2, 192, 128, 4, 2, dict(block_k=64, block_n=32)),
-    # K-blocks per loop step (``chunk_blocks``): 2 with a partial last super group (6
-    # blocks, G = 4), 4 over two groups.
-    "chunk2_partial_group": (2, 768, 512, 4, 2, {}),
+    # K-blocks per loop step (``chunk_blocks``): one step padded to 8 with a partial last
+    # super group (6 blocks, G = 4), 4 over two groups.
+    "padded_step_partial_group": (2, 768, 512, 4, 2, {}),
     "chunk4_two_groups": (1, 1024, 256, 4, 2, {}),
 }
 
@@ -83,8 +83,25 @@ def test_decode_chunk_sizes(chunk, super_group, device):
     K-blocks, down: 4)."""
     x, weights, tw, ti = _problem(2, 1024, 512, 4, 2, device=device, seed=3,
                                   super_group_size=super_group)
-    got = decode.moe_forward_decode(x, weights, tw, ti,
-                                    config=dict(FAST, gate_up_chunk=chunk, down_chunk=chunk))
+    got = decode.moe_forward_decode(x, weights, tw, ti, config=dict(
+        FAST, gate_up_chunk=chunk, down_chunk=chunk, gate_up_one_step=0, down_one_step=0))
+    _assert_same(got, _general(x, weights, tw, ti))
+
+
+@pytest.mark.parametrize("hidden, inter, super_group, one_step", [
+    (768, 384, 4, 8),  # 6 and 3 K-blocks: one step padded to 8 and to 4, within G
+    (384, 768, 2, 8),  # 3 blocks: one step of 4 (2 groups); 6 blocks, G = 2: steps of 2
+    (768, 768, 4, 4),  # 6 blocks, one step of at most 4: steps of 2 (no padding)
+])
+def test_decode_padded_step(hidden, inter, super_group, one_step, device):
+    """K-block counts that are not a power of two: one step padded past K (the padding
+    masked, the partial last group flushed once) or, where the padding would leave a
+    group empty or the step too long, steps that divide K. The general path's bits."""
+    x, weights, tw, ti = _problem(2, hidden, inter, 4, 2, device=device, seed=5,
+                                  super_group_size=super_group)
+    config = dict(FAST, gate_up_chunk=4, down_chunk=4, gate_up_one_step=one_step,
+                  down_one_step=one_step)
+    got = decode.moe_forward_decode(x, weights, tw, ti, config=config)
     _assert_same(got, _general(x, weights, tw, ti))
 
 
@@ -105,8 +122,17 @@ def test_decode_nan_token_and_dropped_pair_one_step(super_group, device):
 def test_chunk_blocks_never_straddles_a_super_group():
     assert decode.chunk_blocks(16, 4, 4) == 4
     assert decode.chunk_blocks(16, 4, 16) == 16  # four whole groups
-    assert decode.chunk_blocks(6, 4, 16) == 2  # the partial last group has 2 blocks
-    assert decode.chunk_blocks(3, 2, 4) == 1
+    assert decode.chunk_blocks(6, 4, 4) == 2  # the partial last group has 2 blocks
+    # All of K in one step padded to a power of two, the padding in the last group:
+    assert decode.chunk_blocks(6, 4, 16) == 8  # groups of 4 and 2 (+ 2 padded) blocks
+    assert decode.chunk_blocks(6, 8, 16) == 8  # one partial group
+    assert decode.chunk_blocks(3, 2, 4) == 4  # groups of 2 and 1 (+ 1 padded)
+    assert decode.chunk_blocks(6, 2, 16) == 2  # padded to 8: a fourth group left empty
+    assert decode.chunk_blocks(5, 2, 8) == 1
+    assert decode.chunk_blocks(6, 4, 2) == 2  # 8 > max_chunk
+    assert decode.chunk_blocks(6, 4, 4, 8) == 8  # one step may be longer than a chunk
+    assert decode.chunk_blocks(16, 4, 4, 8) == 4
+    assert decode.chunk_blocks(2, 3, 4) == 2  # within one group of 3 (old rule: 1)
     assert decode.chunk_blocks(56, 4, 16) == 8  # DeepSeek-V3's 7168 / 128
     assert decode.chunk_blocks(12, 3, 16) == 1  # G = 3: no power of two fits
     assert decode.chunk_blocks(16, 256, 16) == 16

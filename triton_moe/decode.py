@@ -23,7 +23,8 @@ general GEMM's ``acc + (f_a * f_b) * S`` contracts to). The int8 dots run on ``d
 ``tl.dot`` with the token padded to 16 columns measured slower (tuning log).
 
 The weight kernels walk K in steps of ``CHUNK`` K-blocks (``chunk_blocks``: a step lies
-in one super group or holds whole ones, flushed in order). On sm_90+ the launches are
+in one super group or holds whole ones, flushed in order; all of K in one step may be
+padded past K to a power of two, the padding masked). On sm_90+ the launches are
 chained by programmatic dependent launch (``jit_utils.pdl_wait``): each kernel lets the
 next start at once, and a program waits for the previous kernel's output only after it
 has found its experts and, when K fits one step, issued its weight loads.
@@ -51,12 +52,15 @@ from triton_moe.quant_per_token import quantize_rows
 # expert) M = 1 20 vs 40, M = 8 (64 pairs) 76 vs 87; Qwen3-30B-A3B (E = 128) M = 4 65 vs
 # 76, M = 8 96 vs 105; Mixtral (E = 8, 8 pairs at M = 4) M = 4 362 vs 395; DeepSeek-V3
 # (44 MB per expert) M = 4 (32 pairs, 1.4 GB) 435 vs 470. Larger cases were not measured.
-# BLOCK_N / BLOCK_OUT: weight rows per program; *_chunk: K-blocks per loop step
+# BLOCK_N / BLOCK_OUT: weight rows per program; *_chunk: K-blocks per loop step, and
+# *_one_step: the most K-blocks (padded to a power of two) done in one unpipelined step
 # (``chunk_blocks``); stages: steps in flight; pdl: programmatic dependent launch.
 DECODE_CONFIG = {
     "max_pairs": 64, "experts_per_pair": 1, "max_weight_bytes": 3 * 2**29,
-    "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_warps": 4, "gate_up_stages": 3,
-    "BLOCK_OUT": 16, "down_chunk": 4, "down_warps": 8, "down_stages": 2,
+    "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_one_step": 16, "gate_up_warps": 4,
+    "gate_up_stages": 3,
+    "BLOCK_OUT": 16, "down_chunk": 4, "down_one_step": 8, "down_warps": 8,
+    "down_stages": 2,
     "pdl": True,
 }
 
@@ -90,12 +94,14 @@ def _dot4(a, b):
 
 
 @triton.jit
-def _weighted_dots(w, x4, q_ab):
-    """Q_A Q_B * dot(w[..., b, :], x[..., b, :]) for each of the step's K-blocks b, from
-    ``w, x [..., CHUNK, K4]`` (int8 x4 as int32) and ``q_ab [..., CHUNK]``: exact int32
-    (SPEC 5: |Q_A Q_B dot| <= q_max^2 * BLOCK_K * 127^2 per block, and a super group's
-    sum stays within int32)."""
-    return tl.sum(_dot4(w, x4), axis=-1) * q_ab
+def _weighted_products(w, x4, q_ab):
+    """Q_A Q_B * (the 4-product sums of ``w, x [..., CHUNK, K4]``, int8 x4 as int32), with
+    ``q_ab [..., CHUNK]`` per K-block: summed over a super group's blocks and K, the
+    group's int32 sum. Weighting before the sum lets a step reduce once per group
+    instead of once per K-block (the K axis spans threads: shuffles). Exact: SPEC 5
+    keeps a group's total within int32, and int32 sums wrap exactly on the way, so any
+    order of the sum gives the total."""
+    return _dot4(w, x4) * tl.expand_dims(q_ab, -1)
 
 
 @triton.jit
@@ -107,6 +113,32 @@ def _flush_groups(acc, f_ab, group_sums, GROUPS: tl.constexpr):
         acc = _flush(acc, tl.sum(tl.where(offs == g, f_ab, 0.0), axis=-1),
                      tl.sum(tl.where(offs == g, group_sums, 0), axis=-1))
     return acc
+
+
+@triton.jit
+def _step_fscales(f_rows, kb, stride_wfg, mask, CHUNK: tl.constexpr,
+                  SUPER_GROUP: tl.constexpr):
+    """The weights' F of the groups a step flushes: the one group it lies in (shaped as
+    ``f_rows``), or its CHUNK // SUPER_GROUP whole groups (a last axis more)."""
+    if CHUNK <= SUPER_GROUP:
+        f_w = tl.load(f_rows + (kb // SUPER_GROUP) * stride_wfg, mask=mask, other=0.0)
+    else:
+        groups = kb // SUPER_GROUP + tl.arange(0, CHUNK // SUPER_GROUP)
+        f_w = tl.load(tl.expand_dims(f_rows, -1) + groups * stride_wfg,
+                      mask=tl.expand_dims(mask, -1), other=0.0)
+    return f_w
+
+
+@triton.jit
+def _in_k(blocks, NUM_BLOCKS: tl.constexpr, PADDED: tl.constexpr):
+    """Which of a step's K-blocks exist: all, except in a step padded to a power of two
+    (``chunk_blocks``), whose blocks past K are masked (a constant where not padded, so
+    the compiled code has no mask there)."""
+    if PADDED:
+        in_k = blocks < NUM_BLOCKS
+    else:
+        in_k = tl.full(blocks.shape, 1, tl.int1)
+    return in_k
 
 
 @triton.jit
@@ -166,33 +198,40 @@ def _gate_up_kernel(
     sum_up = tl.zeros([BLOCK_N], tl.int32)
     offs_chunk = tl.arange(0, CHUNK)
     offs_ck4 = (offs_chunk * K4)[:, None] + offs_k4[None, :]  # [CHUNK, K4]: the chunk's K
-    w_mask = col_mask[:, None, None]
-    for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
+    NUM_STEPS: tl.constexpr = (NUM_BLOCKS + CHUNK - 1) // CHUNK
+    PADDED: tl.constexpr = NUM_STEPS * CHUNK != NUM_BLOCKS
+    for chunk in tl.range(0, NUM_STEPS, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
+        in_k = _in_k(blocks, NUM_BLOCKS, PADDED)
+        w_mask = col_mask[:, None, None] & in_k[None, :, None]
         w_gate = tl.load(gate_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :],
                          mask=w_mask, other=0)
         w_up = tl.load(up_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :], mask=w_mask,
                        other=0)
-        if ONE_STEP:
+        q_mask = col_mask[:, None] & in_k[None, :]
+        q_gate = tl.load(gate_q[:, None] + blocks[None, :] * stride_wqk, mask=q_mask, other=0)
+        q_up = tl.load(up_q[:, None] + blocks[None, :] * stride_wqk, mask=q_mask, other=0)
+        if ONE_STEP:  # the weights' F too: only the token's rows come after the wait
+            f_gate_step = _step_fscales(gate_f, kb, stride_wfg, col_mask, CHUNK, SUPER_GROUP)
+            f_up_step = _step_fscales(up_f, kb, stride_wfg, col_mask, CHUNK, SUPER_GROUP)
             pdl_wait(GDC)
-        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4)[None, :, :],
-                             [BLOCK_N, CHUNK, K4])
-        q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks)[None, :]
-        q_gate = tl.load(gate_q[:, None] + blocks[None, :] * stride_wqk,
-                         mask=col_mask[:, None], other=0)
-        q_up = tl.load(up_q[:, None] + blocks[None, :] * stride_wqk, mask=col_mask[:, None],
-                       other=0)
-        weighted_gate = _weighted_dots(w_gate, x4, q_a * q_gate)  # [BLOCK_N, CHUNK]
-        weighted_up = _weighted_dots(w_up, x4, q_a * q_up)
+        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4, mask=in_k[:, None],
+                                     other=0)[None, :, :], [BLOCK_N, CHUNK, K4])
+        q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks, mask=in_k, other=0)[None, :]
+        weighted_gate = _weighted_products(w_gate, x4, q_a * q_gate)  # [BLOCK_N, CHUNK, K4]
+        weighted_up = _weighted_products(w_up, x4, q_a * q_up)
         if CHUNK <= SUPER_GROUP:  # the step lies in one group: flush at its last block
-            sum_gate += tl.sum(weighted_gate, axis=1)
-            sum_up += tl.sum(weighted_up, axis=1)
-            if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):
-                group = kb // SUPER_GROUP
-                f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + group)
-                f_gate = tl.load(gate_f + group * stride_wfg, mask=col_mask, other=0.0)
-                f_up = tl.load(up_f + group * stride_wfg, mask=col_mask, other=0.0)
+            sum_gate += tl.sum(tl.sum(weighted_gate, axis=1), axis=1)
+            sum_up += tl.sum(tl.sum(weighted_up, axis=1), axis=1)
+            if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK >= NUM_BLOCKS):
+                f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + kb // SUPER_GROUP)
+                if ONE_STEP:
+                    f_gate, f_up = f_gate_step, f_up_step
+                else:
+                    f_gate = _step_fscales(gate_f, kb, stride_wfg, col_mask, CHUNK,
+                                           SUPER_GROUP)
+                    f_up = _step_fscales(up_f, kb, stride_wfg, col_mask, CHUNK, SUPER_GROUP)
                 acc_gate = _flush(acc_gate, f_a * f_gate, sum_gate)
                 acc_up = _flush(acc_up, f_a * f_up, sum_up)
                 sum_gate = tl.zeros_like(sum_gate)
@@ -201,13 +240,15 @@ def _gate_up_kernel(
             GROUPS: tl.constexpr = CHUNK // SUPER_GROUP
             groups = kb // SUPER_GROUP + tl.arange(0, GROUPS)
             f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + groups)[None, :]
-            f_gate = tl.load(gate_f[:, None] + groups[None, :] * stride_wfg,
-                             mask=col_mask[:, None], other=0.0)
-            f_up = tl.load(up_f[:, None] + groups[None, :] * stride_wfg,
-                           mask=col_mask[:, None], other=0.0)
-            sums_gate = tl.sum(tl.reshape(weighted_gate, [BLOCK_N, GROUPS, SUPER_GROUP]),
-                               axis=2)
-            sums_up = tl.sum(tl.reshape(weighted_up, [BLOCK_N, GROUPS, SUPER_GROUP]), axis=2)
+            if ONE_STEP:
+                f_gate, f_up = f_gate_step, f_up_step
+            else:
+                f_gate = _step_fscales(gate_f, kb, stride_wfg, col_mask, CHUNK, SUPER_GROUP)
+                f_up = _step_fscales(up_f, kb, stride_wfg, col_mask, CHUNK, SUPER_GROUP)
+            sums_gate = tl.sum(tl.sum(tl.reshape(
+                weighted_gate, [BLOCK_N, GROUPS, SUPER_GROUP, K4]), axis=2), axis=2)
+            sums_up = tl.sum(tl.sum(tl.reshape(
+                weighted_up, [BLOCK_N, GROUPS, SUPER_GROUP, K4]), axis=2), axis=2)
             acc_gate = _flush_groups(acc_gate, f_a * f_gate, sums_gate, GROUPS)
             acc_up = _flush_groups(acc_up, f_a * f_up, sums_up, GROUPS)
 
@@ -266,29 +307,39 @@ def _down_kernel(
     group_sum = tl.zeros([TOP_K_PAD, BLOCK_OUT], tl.int32)
     offs_chunk = tl.arange(0, CHUNK)
     offs_ck4 = (offs_chunk * K4)[:, None] + offs_k4[None, :]  # [CHUNK, K4]: the chunk's K
-    for chunk in tl.range(0, NUM_BLOCKS // CHUNK, num_stages=NUM_STAGES):
+    NUM_STEPS: tl.constexpr = (NUM_BLOCKS + CHUNK - 1) // CHUNK
+    PADDED: tl.constexpr = NUM_STEPS * CHUNK != NUM_BLOCKS
+    for chunk in tl.range(0, NUM_STEPS, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
+        in_k = _in_k(blocks, NUM_BLOCKS, PADDED)
         # [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]
         w = tl.load(w_rows[:, :, None, None] + kb * K4 + offs_ck4[None, None, :, :],
-                    mask=w_mask[:, :, None, None], other=0)
-        if ONE_STEP:
+                    mask=w_mask[:, :, None, None] & in_k[None, None, :, None], other=0)
+        q_w = tl.load(q_rows[:, :, None] + blocks[None, None, :] * stride_wqk,
+                      mask=w_mask[:, :, None] & in_k[None, None, :], other=0)
+        if ONE_STEP:  # the weights' F too: only h's rows come after the wait
+            f_w_step = _step_fscales(f_rows, kb, stride_wfg, w_mask, CHUNK, SUPER_GROUP)
             pdl_wait(GDC)
         h4 = tl.load(h_rows4[:, None, None] + kb * K4 + offs_ck4[None, :, :],
-                     mask=kept[:, None, None], other=0)  # [TOP_K_PAD, CHUNK, K4]
+                     mask=kept[:, None, None] & in_k[None, :, None],
+                     other=0)  # [TOP_K_PAD, CHUNK, K4]
         q_a = tl.load(h_qs_ptr + pairs[:, None] * NUM_BLOCKS + blocks[None, :],
-                      mask=kept[:, None], other=0)  # [TOP_K_PAD, CHUNK]
-        q_w = tl.load(q_rows[:, :, None] + blocks[None, None, :] * stride_wqk,
-                      mask=w_mask[:, :, None], other=0)
-        weighted = _weighted_dots(
-            w, tl.broadcast_to(h4[:, None, :, :], [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]),
-            q_a[:, None, :] * q_w)  # [TOP_K_PAD, BLOCK_OUT, CHUNK]
+                      mask=kept[:, None] & in_k[None, :], other=0)  # [TOP_K_PAD, CHUNK]
+        # Here the K-blocks of a step lie in one thread and the dots' K across threads:
+        # summing each block's dot first (then weighting) compiles to less (SASS counts).
+        weighted = tl.sum(_dot4(w, tl.broadcast_to(
+            h4[:, None, :, :], [TOP_K_PAD, BLOCK_OUT, CHUNK, K4])), axis=3) * (
+                q_a[:, None, :] * q_w)  # [TOP_K_PAD, BLOCK_OUT, CHUNK]
         if CHUNK <= SUPER_GROUP:  # the step lies in one group: flush at its last block
             group_sum += tl.sum(weighted, axis=2)
-            if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK == NUM_BLOCKS):
-                group = kb // SUPER_GROUP
-                f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + group, mask=kept, other=0.0)
-                f_w = tl.load(f_rows + group * stride_wfg, mask=w_mask, other=0.0)
+            if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK >= NUM_BLOCKS):
+                f_a = tl.load(h_fs_ptr + pairs * NUM_GROUPS + kb // SUPER_GROUP, mask=kept,
+                              other=0.0)
+                if ONE_STEP:
+                    f_w = f_w_step
+                else:
+                    f_w = _step_fscales(f_rows, kb, stride_wfg, w_mask, CHUNK, SUPER_GROUP)
                 acc = _flush(acc, f_a[:, None] * f_w, group_sum)
                 group_sum = tl.zeros_like(group_sum)
         else:  # the step holds CHUNK // SUPER_GROUP whole groups: flush each, in order
@@ -296,8 +347,10 @@ def _down_kernel(
             groups = kb // SUPER_GROUP + tl.arange(0, GROUPS)
             f_a = tl.load(h_fs_ptr + pairs[:, None] * NUM_GROUPS + groups[None, :],
                           mask=kept[:, None], other=0.0)
-            f_w = tl.load(f_rows[:, :, None] + groups[None, None, :] * stride_wfg,
-                          mask=w_mask[:, :, None], other=0.0)
+            if ONE_STEP:
+                f_w = f_w_step
+            else:
+                f_w = _step_fscales(f_rows, kb, stride_wfg, w_mask, CHUNK, SUPER_GROUP)
             acc = _flush_groups(
                 acc, f_a[:, None, :] * f_w,
                 tl.sum(tl.reshape(weighted, [TOP_K_PAD, BLOCK_OUT, GROUPS, SUPER_GROUP]),
@@ -318,10 +371,23 @@ def _down_kernel(
              to_output_dtype(out, out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def chunk_blocks(num_blocks: int, super_group_size: int, max_chunk: int) -> int:
+def chunk_blocks(num_blocks: int, super_group_size: int, max_chunk: int,
+                 max_one_step: int = 0) -> int:
     """K-blocks per loop step: the largest power of two <= ``max_chunk`` that divides the
     number of K-blocks and either divides the super group or is a multiple of it, so a
-    step never straddles a group (it lies in one, or holds whole ones)."""
+    step never straddles a group (it lies in one, or holds whole ones).
+
+    Before that: all of K in one step padded to a power of two, when that is at most
+    ``max(max_chunk, max_one_step)`` blocks and the step lies in one super group or holds
+    whole ones with the padding in the last (6 K-blocks with G = 4 -> one step of 8:
+    groups of 4 and 2 blocks, 2 masked). One step lets a kernel load its weights before
+    it waits for the previous kernel (``_steps``)."""
+    padded = triton.next_power_of_2(num_blocks)
+    num_groups = -(-num_blocks // super_group_size)
+    if padded <= max(max_chunk, max_one_step) and (
+            padded <= super_group_size
+            or (padded % super_group_size == 0 and padded // super_group_size == num_groups)):
+        return padded
     chunk = 1
     while chunk * 2 <= max_chunk and num_blocks % (chunk * 2) == 0 and (
             super_group_size % (chunk * 2) == 0 or (chunk * 2) % super_group_size == 0):
@@ -332,7 +398,7 @@ def chunk_blocks(num_blocks: int, super_group_size: int, max_chunk: int) -> int:
 def _steps(num_blocks: int, chunk: int, stages: int) -> dict:
     """The loop's constexprs: one step runs unpipelined (NUM_STAGES 1: the kernel then
     loads its weights before it waits for the previous kernel)."""
-    return dict(CHUNK=chunk, NUM_STAGES=1 if num_blocks == chunk else stages)
+    return dict(CHUNK=chunk, NUM_STAGES=1 if chunk >= num_blocks else stages)
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -407,17 +473,18 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
         NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
         **_steps(hidden // block_k, chunk_blocks(hidden // block_k, cfg.super_group_size,
-                                                 conf["gate_up_chunk"]),
+                                                 conf["gate_up_chunk"],
+                                                 conf["gate_up_one_step"]),
                  conf["gate_up_stages"]),
-        num_warps=conf["gate_up_warps"], GDC=pdl,
-        **common, **pdl_launch)
+        num_warps=conf["gate_up_warps"], GDC=pdl, **common, **pdl_launch)
 
     if stage_callback is not None:
         stage_callback("decode_down")
     w2_qs, w2_fs = weights.w2_qscale, weights.w2_fscale
+    h_quantized = quantize(h, pdl)
     grid = (num_tokens, triton.cdiv(hidden, conf["BLOCK_OUT"]))
     _down_kernel[grid](
-        topk_ids, map_arg, topk_weights, *quantize(h, pdl), w2, w2_qs, w2_fs, out,
+        topk_ids, map_arg, topk_weights, *h_quantized, w2, w2_qs, w2_fs, out,
         num_pairs, num_experts, num_global, hidden,
         topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
@@ -425,7 +492,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
         BLOCK_OUT=conf["BLOCK_OUT"],
         **_steps(inter // block_k, chunk_blocks(inter // block_k, cfg.super_group_size,
-                                                conf["down_chunk"]),
+                                                conf["down_chunk"], conf["down_one_step"]),
                  conf["down_stages"]),
         num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, **common,
         **pdl_launch)
