@@ -130,11 +130,12 @@ def _step_fscales(f_rows, kb, stride_wfg, mask, CHUNK: tl.constexpr,
 
 
 @triton.jit
-def _in_k(blocks, NUM_BLOCKS: tl.constexpr, PADDED: tl.constexpr):
-    """Which of a step's K-blocks exist: all, except in a step padded to a power of two
-    (``chunk_blocks``), whose blocks past K are masked (a constant where not padded, so
-    the compiled code has no mask there)."""
-    if PADDED:
+def _in_k(blocks, NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
+    """Which of a step's K-blocks exist: all, except when the steps of CHUNK blocks do
+    not divide K, i.e. in a step padded to a power of two (``chunk_blocks``), whose
+    blocks past K are masked (a constant where not padded, so the compiled code has no
+    mask there)."""
+    if NUM_BLOCKS % CHUNK != 0:
         in_k = blocks < NUM_BLOCKS
     else:
         in_k = tl.full(blocks.shape, 1, tl.int1)
@@ -199,11 +200,10 @@ def _gate_up_kernel(
     offs_chunk = tl.arange(0, CHUNK)
     offs_ck4 = (offs_chunk * K4)[:, None] + offs_k4[None, :]  # [CHUNK, K4]: the chunk's K
     NUM_STEPS: tl.constexpr = (NUM_BLOCKS + CHUNK - 1) // CHUNK
-    PADDED: tl.constexpr = NUM_STEPS * CHUNK != NUM_BLOCKS
     for chunk in tl.range(0, NUM_STEPS, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
-        in_k = _in_k(blocks, NUM_BLOCKS, PADDED)
+        in_k = _in_k(blocks, NUM_BLOCKS, CHUNK)
         w_mask = col_mask[:, None, None] & in_k[None, :, None]
         w_gate = tl.load(gate_rows[:, None, None] + kb * K4 + offs_ck4[None, :, :],
                          mask=w_mask, other=0)
@@ -308,11 +308,10 @@ def _down_kernel(
     offs_chunk = tl.arange(0, CHUNK)
     offs_ck4 = (offs_chunk * K4)[:, None] + offs_k4[None, :]  # [CHUNK, K4]: the chunk's K
     NUM_STEPS: tl.constexpr = (NUM_BLOCKS + CHUNK - 1) // CHUNK
-    PADDED: tl.constexpr = NUM_STEPS * CHUNK != NUM_BLOCKS
     for chunk in tl.range(0, NUM_STEPS, num_stages=NUM_STAGES):
         kb = chunk * CHUNK  # first K-block of the chunk
         blocks = kb + offs_chunk
-        in_k = _in_k(blocks, NUM_BLOCKS, PADDED)
+        in_k = _in_k(blocks, NUM_BLOCKS, CHUNK)
         # [TOP_K_PAD, BLOCK_OUT, CHUNK, K4]
         w = tl.load(w_rows[:, :, None, None] + kb * K4 + offs_ck4[None, None, :, :],
                     mask=w_mask[:, :, None, None] & in_k[None, None, :, None], other=0)
