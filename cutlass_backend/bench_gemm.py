@@ -8,7 +8,8 @@ counts); GEMM1 Kin = 2048 -> Nout = 1024, GEMM2 Kin = 512 -> Nout = 2048; random
 inputs (design.md layouts), block_n = 64, block_k = 128, G = 4, bf16 out; act_block_m 128
 (the "tile" scale mode of the 128-row tiles) and 1 (per-token scales: the "rows" mode).
 Per shape: the Triton kernel (``triton_moe.gemm.grouped_gemm``, its default config), then
-every name of ``cutlass_backend.gemm.TILE_CONFIGS`` (``tile=``). Per run: the first call
+every name of ``cutlass_backend.gemm.tile_names()`` (``tile=``; the Hopper ``sm90_*``
+tiles on sm_90 only). Per run: the first call
 (includes the DSL / Triton compile), warm-up, the median of ``--iters`` eager calls timed
 one by one with CUDA events (operands are 144-640 MB, far above the 50 MB L2, so every
 call streams from HBM), and the per-call device time of a CUDA graph of 10 calls.
@@ -174,7 +175,8 @@ def main():
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--tiles", help="comma-separated TILE_CONFIGS names (default: all)")
+    parser.add_argument("--tiles", help="comma-separated tile names (default: all of "
+                        "cutlass_backend.gemm.tile_names(): SM80 and, on Hopper, sm90_*)")
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help=f"comma-separated, of {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -183,7 +185,11 @@ def main():
 
     from cutlass_backend import gemm as cute_gemm
 
-    tiles = args.tiles.split(",") if args.tiles else list(cute_gemm.TILE_CONFIGS)
+    from cutlass_backend import gemm_sm90
+
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    tiles = args.tiles.split(",") if args.tiles else [
+        t for t in cute_gemm.tile_names() if hopper or t not in gemm_sm90.SM90_TILE_CONFIGS]
     shapes = args.shapes.split(",")
     triton_fn = triton_gemm()
     t_start = time.perf_counter()
@@ -194,7 +200,7 @@ def main():
         valid_rows = int(problem["expert_offsets"][-1])
         ops = 2.0 * valid_rows * n_out * k_in
         ref_rows, ref = reference_prefix(problem, params, REF_EXPERTS)
-        default_tile = cute_gemm.select_tile(NUM_ROWS, NUM_EXPERTS)
+        default_tile = cute_gemm.select_tile(NUM_ROWS, NUM_EXPERTS, params["block_n"])
         runs = [("triton", "-", functools.partial(triton_fn, **problem, **params))
                  ] if triton_fn else []
         runs += [("cutlass", tile, functools.partial(cutlass_backend.grouped_gemm, **problem,
@@ -226,7 +232,10 @@ def main():
                 "default_tile": tile == default_tile, "ref_rows": ref_rows, "ref_bad": bad_ref,
                 "ref_max_err": err_ref, "triton_bad": bad_tri, "triton_max_err": err_tri,
                 "ok": ok}
-            if backend == "cutlass":
+            if backend == "cutlass" and tile in gemm_sm90.SM90_TILE_CONFIGS:
+                row.update(config=gemm_sm90.SM90_TILE_CONFIGS[tile].describe(),
+                           scale_mode="wgmma")
+            elif backend == "cutlass":
                 cfg = cute_gemm.TILE_CONFIGS[tile]
                 row.update(config=cfg.describe(), scale_mode=cute_gemm.scale_mode_for(
                     tile, act_block_m, params["block_n"]))

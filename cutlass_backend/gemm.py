@@ -67,6 +67,7 @@ out dtype, bias, scale mode).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,8 @@ from cutlass.cute.core import _pack_shape
 from cutlass.cute.nvgpu.warp.mma import WarpMmaOp
 from cutlass.cute.runtime import make_ptr
 from cutlass.cute.typing import AddressSpace
+
+from cutlass_backend import gemm_sm90
 
 MMA_SHAPE_MNK = (16, 8, 32)
 NUM_STAGES = 3
@@ -146,6 +149,8 @@ SMALL_TILE_MAX_ROWS_PER_EXPERT = 70
 # CUDA graph (ms): GEMM1 0.789 (large 1.082, small 0.963), GEMM2 0.579 (large 0.763),
 # per-token GEMM1 0.839 (large 1.168), GEMM2 0.598 (0.813).
 DEFAULT_TILE = "small_racc"
+# Environment override of the tile choice (``select_tile``): a name of ``tile_names()``.
+TILE_ENV_VAR = "TRITON_MOE_CUTLASS_TILE"
 
 
 class _MmaS8Trait(Trait):
@@ -787,15 +792,37 @@ _OUT_DTYPES = {
 _compiled_cache: dict = {}
 
 
-def select_tile(num_rows: int, num_experts: int) -> str:
-    """Tile variant for P = ``num_rows`` rows over ``num_experts`` experts (host ints).
+def select_tile(num_rows: int, num_experts: int, block_n: int = 64,
+                capability: tuple[int, int] | None = None) -> str:
+    """Tile variant for P = ``num_rows`` rows over ``num_experts`` experts (host ints) on a
+    GPU of compute ``capability`` (default: the current CUDA device's).
 
-    ``DEFAULT_TILE`` for every P / E: on an H200 at the default workload it beat all other
-    variants on both GEMMs, tile-wise and per-token scales (bench/results/
-    2026-11-27_H200_cutlass_tiles.log); the reference design's switch between "large" and
-    "small" (``reference_tile``) stays reachable by name."""
-    del num_rows, num_experts  # one tile for every batch size (kept: the launcher's hook)
+    ``$TRITON_MOE_CUTLASS_TILE`` (any name of ``tile_names()``) overrides the choice.
+    Otherwise: on Hopper (sm_90), ``gemm_sm90.DEFAULT_SM90_TILE`` (TMA + int8 wgmma) when
+    ``block_n`` lines up with its columns; elsewhere, or for other ``block_n``, the SM80
+    ``mma.sync`` kernel's ``DEFAULT_TILE``, which on an H200 beat every other SM80 variant
+    on both GEMMs (bench/results/2026-11-27_H200_cutlass_tiles.log). The reference
+    design's switch between "large" and "small" (``reference_tile``) stays reachable by
+    name. P and E do not change the choice (kept: the launcher's hook)."""
+    del num_rows, num_experts
+    override = os.environ.get(TILE_ENV_VAR)
+    if override:
+        if override not in tile_names():
+            raise ValueError(f"${TILE_ENV_VAR}={override!r} is not a tile; one of "
+                             f"{tile_names()}")
+        return override
+    if capability is None:
+        capability = (torch.cuda.get_device_capability() if torch.cuda.is_available()
+                      else (0, 0))
+    if capability[0] == 9 and gemm_sm90.block_n_supported(gemm_sm90.DEFAULT_SM90_TILE,
+                                                          block_n):
+        return gemm_sm90.DEFAULT_SM90_TILE
     return DEFAULT_TILE
+
+
+def tile_names() -> list[str]:
+    """Every tile name ``grouped_gemm`` takes: the SM80 variants, then the Hopper ones."""
+    return sorted(TILE_CONFIGS) + sorted(gemm_sm90.SM90_TILE_CONFIGS)
 
 
 def reference_tile(num_rows: int, num_experts: int) -> str:
@@ -827,13 +854,21 @@ def scale_mode_for(tile: str, act_block_m: int, block_n: int) -> str:
 
 
 def compile_variant(tile: str, block_k: int, out_dtype, has_bias: bool,
-                    scale_mode, *, options: str | None = None):
+                    variant, *, options: str | None = None):
     """Compile one kernel variant on placeholder pointers (no GPU needed with an explicit
-    ``--gpu-arch`` in ``options``). ``out_dtype`` is a torch dtype; ``scale_mode`` one of
-    SCALE_MODES (True / False = "tile" / "general")."""
+    ``--gpu-arch`` in ``options``: sm_80 for the SM80 tiles, sm_90a for the Hopper ones).
+    ``out_dtype`` is a torch dtype; ``variant`` is, for an SM80 tile, its scale mode (one of
+    SCALE_MODES; True / False = "tile" / "general"), for a Hopper tile ``(block_n,
+    super_group_size, one_super_group, staged_store)``: the weight scale block, G, whether
+    all of K is one super group, and whether the output rows allow 16-byte stores (all
+    compiled in)."""
     c_dtype = _OUT_DTYPES[out_dtype]
-    kernel = HybridGroupedGemm.from_config(TILE_CONFIGS[tile], block_k, c_dtype, has_bias,
-                                           scale_mode)
+    if tile in gemm_sm90.SM90_TILE_CONFIGS:
+        kernel = gemm_sm90.HybridGroupedGemmSm90(gemm_sm90.SM90_TILE_CONFIGS[tile], block_k,
+                                                 c_dtype, has_bias, *variant)
+    else:
+        kernel = HybridGroupedGemm.from_config(TILE_CONFIGS[tile], block_k, c_dtype, has_bias,
+                                               variant)
     pointers = [_pointer(dt, 256, al) for dt, al in _pointer_signature(c_dtype)]
     scalars = [1] * 9
     stream = cute.runtime.make_fake_stream()
@@ -875,17 +910,34 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
     if num_rows == 0 or n_out == 0 or num_experts == 0:
         return out
 
-    tile = tile or select_tile(num_rows, num_experts)
-    if tile not in TILE_CONFIGS:
-        raise ValueError(f"unknown tile {tile!r}; one of {sorted(TILE_CONFIGS)}")
-    scale_mode = scale_mode_for(tile, act_block_m, block_n)
-    key = (tile, block_k, out_dtype, bias is not None, scale_mode)
+    tile = tile or select_tile(num_rows, num_experts, block_n,
+                               torch.cuda.get_device_capability(a_q.device))
+    c_dtype = _OUT_DTYPES[out_dtype]
+    if tile in gemm_sm90.SM90_TILE_CONFIGS:
+        major, minor = torch.cuda.get_device_capability(a_q.device)
+        if major != 9:
+            raise ValueError(f"tile {tile!r} is a Hopper (sm_90a wgmma) kernel; this GPU is "
+                             f"sm_{major}{minor}: use one of {sorted(TILE_CONFIGS)}")
+        if not gemm_sm90.block_n_supported(tile, block_n):
+            raise ValueError(f"tile {tile!r} needs block_n a multiple of 8 that divides "
+                             f"or is a multiple of {gemm_sm90.SM90_TILE_CONFIGS[tile].block_n}"
+                             f"; got block_n={block_n}")
+        # 16-byte epilogue stores need 16-byte aligned output rows (Nout a multiple of
+        # 8 bf16 / 4 fp32); Nout is then also a multiple of the piece, so pieces never
+        # straddle it
+        staged_store = (n_out * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+        variant = (block_n, super_group_size, k_in // block_k <= super_group_size,
+                   staged_store)
+    elif tile in TILE_CONFIGS:
+        variant = scale_mode_for(tile, act_block_m, block_n)
+    else:
+        raise ValueError(f"unknown tile {tile!r}; one of {tile_names()}")
+    key = (tile, block_k, out_dtype, bias is not None, variant)
     compiled = _compiled_cache.get(key)
     if compiled is None:
-        compiled = compile_variant(tile, block_k, out_dtype, bias is not None, scale_mode)
+        compiled = compile_variant(tile, block_k, out_dtype, bias is not None, variant)
         _compiled_cache[key] = compiled
 
-    c_dtype = _OUT_DTYPES[out_dtype]
     addresses = (a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale, expert_offsets,
                  scale_row_offsets, a_fscale if bias is None else bias, out)  # unread if None
     pointers = [_pointer(dt, t.data_ptr(), al)

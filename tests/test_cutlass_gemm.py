@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 
 import pytest
@@ -49,14 +50,26 @@ def test_is_available_names_the_missing_piece():
 
 
 @needs_dsl
-def test_default_tile_and_reference_tile_choice():
+def test_default_tile_and_reference_tile_choice(monkeypatch):
     from cutlass_backend import gemm
 
+    monkeypatch.delenv(gemm.TILE_ENV_VAR, raising=False)
     for num_rows, num_experts in ((8192 * 8, 256), (70 * 256, 256), (16, 0)):
-        assert gemm.select_tile(num_rows, num_experts) == gemm.DEFAULT_TILE == "small_racc"
+        # Hopper: the wgmma kernel; other GPUs (and block_n it cannot tile): SM80 mma.sync
+        assert gemm.select_tile(num_rows, num_experts, 64, (9, 0)) == "sm90_64x128"
+        assert gemm.select_tile(num_rows, num_experts, 128, (9, 0)) == "sm90_64x128"
+        assert gemm.select_tile(num_rows, num_experts, 48, (9, 0)) == "small_racc"
+        assert gemm.select_tile(num_rows, num_experts, 64, (8, 0)) == "small_racc"
+        assert gemm.select_tile(num_rows, num_experts, 64, (10, 0)) == "small_racc"
+    assert gemm.DEFAULT_TILE == "small_racc"
     assert gemm.reference_tile(8192 * 8, 256) == "large"   # 256 rows per expert
     assert gemm.reference_tile(70 * 256, 256) == "small"   # reference switch at <= 70 rows
     assert gemm.reference_tile(16, 0) == "small"
+    monkeypatch.setenv(gemm.TILE_ENV_VAR, "large")
+    assert gemm.select_tile(16, 4, 64, (9, 0)) == "large"
+    monkeypatch.setenv(gemm.TILE_ENV_VAR, "huge")
+    with pytest.raises(ValueError, match="TRITON_MOE_CUTLASS_TILE='huge' is not a tile"):
+        gemm.select_tile(16, 4, 64, (9, 0))
 
 
 # Tile names of cutlass_backend.gemm.TILE_CONFIGS (kept here so collection needs no DSL;
@@ -65,6 +78,20 @@ TILES = ("large", "small", "small_racc", "small_racc_s4", "large_w64x32", "large
          "large_w64x32_racc_s4", "n128_w32x64", "n128_w32x64_racc", "n128_w32x64_racc_s4",
          "wide_w64x32", "wide_w64x32_racc_s4")
 NEW_TILES = TILES[2:]
+# Hopper tiles (cutlass_backend.gemm_sm90.SM90_TILE_CONFIGS): TMA + int8 wgmma, sm_90 only.
+SM90_TILES = ("sm90_64x128", "sm90_64x128_s4", "sm90_128x128", "sm90_64x64")
+
+
+def _is_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="sm_90a kernel: needs an H100/H200")
+
+
+def tile_param(tile):
+    """A tile name as a parameter, skipped off Hopper when it is an sm_90a kernel."""
+    return pytest.param(tile, marks=needs_hopper) if tile in SM90_TILES else tile
 
 # Every (tile, out dtype, bias) variant of the default tiles in the scalar-weight form (the
 # default scales) at block_k 128; the per-row ("rows": per-token activation scales) and
@@ -95,6 +122,8 @@ def test_tile_names_match_the_kernel_table():
     from cutlass_backend import gemm
 
     assert set(TILES) == set(gemm.TILE_CONFIGS)
+    assert set(SM90_TILES) == set(gemm.gemm_sm90.SM90_TILE_CONFIGS)
+    assert gemm.tile_names() == sorted(TILES) + sorted(SM90_TILES)
     for name, cfg in gemm.TILE_CONFIGS.items():
         kernel = gemm.HybridGroupedGemm.from_config(cfg, 128, None, False, "general")
         assert kernel.num_threads == 32 * cfg.num_warps, name
@@ -152,6 +181,60 @@ def test_variant_compiles_for_sm80_with_signed_mma(tile, out_dtype, has_bias, sc
     assert f".minnctapersm {cfg.min_blocks_per_sm}" in ptx   # register budget per CTA
     print(f"compile {tile}/{out_dtype}/bias={has_bias}/{scale_mode}/k{block_k}: "
           f"{seconds:.1f} s")
+
+
+# Hopper variants: every tile (bf16, block_n 64, several super groups and one, 16-byte
+# staged stores); per dtype / bias / block_n / block_k / pair stores once.
+# (tile, out dtype, bias, block_n, one super group, staged store, block_k)
+SM90_COMPILE_VARIANTS = [(tile, torch.bfloat16, False, 64, one, True, 128)
+                         for tile in SM90_TILES for one in (False, True)]
+SM90_COMPILE_VARIANTS += [("sm90_64x128", torch.float32, True, 128, False, True, 128),
+                          ("sm90_64x128", torch.float16, True, 32, True, False, 128),
+                          ("sm90_64x128", torch.bfloat16, False, 64, False, False, 128),
+                          ("sm90_64x128", torch.bfloat16, False, 256, False, True, 64),
+                          ("sm90_128x128", torch.bfloat16, True, 64, False, True, 256)]
+SIGNED_WGMMA = "wgmma.mma_async.sync.aligned.m64n{n}k32.satfinite.s32.s8.s8"
+
+
+@needs_dsl
+@pytest.mark.parametrize(
+    "tile, out_dtype, has_bias, block_n, one_group, staged, block_k", SM90_COMPILE_VARIANTS,
+    ids=[f"{t}-{str(d).split('.')[-1]}-{'bias' if b else 'nobias'}-n{n}-"
+         f"{'onegroup' if one else 'groups'}-{'staged' if st else 'pairs'}-k{k}"
+         for t, d, b, n, one, st, k in SM90_COMPILE_VARIANTS])
+def test_sm90_variant_compiles_with_signed_wgmma_and_tma(tile, out_dtype, has_bias, block_n,
+                                                         one_group, staged, block_k, tmp_path,
+                                                         monkeypatch):
+    """Compile the Hopper kernel for sm_90a on placeholder pointers (no GPU) and read its
+    PTX: signed int8 wgmma, block_k / 32 of them per K-block, TMA loads into an mbarrier
+    pipeline, the epilogue's store width, no local memory, the register budget of its CTAs
+    per SM."""
+    from cutlass_backend import gemm
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    gemm.compile_variant(tile, block_k, out_dtype, has_bias, (block_n, 4, one_group, staged),
+                         options=f"--gpu-arch sm_90a --keep-ptx --dump-dir {tmp_path}")
+    ptx_files = [p for p in os.listdir(tmp_path) if p.endswith(".sm_90a.ptx")]
+    assert len(ptx_files) == 1, ptx_files
+    ptx = (tmp_path / ptx_files[0]).read_text()
+    cfg = gemm.gemm_sm90.SM90_TILE_CONFIGS[tile]
+    wgmma = [line.strip() for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    assert wgmma and all(SIGNED_WGMMA.format(n=cfg.block_n) in line for line in wgmma), \
+        wgmma[:2]
+    assert len(wgmma) == block_k // 32
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx)
+    # one 2-D TMA load for A, one 3-D (expert = batch mode) for B, completing on mbarriers
+    tma = [line for line in ptx.splitlines() if "cp.async.bulk.tensor" in line]
+    assert any(".2d." in line for line in tma) and any(".3d." in line for line in tma)
+    assert all("mbarrier::complete_tx::bytes" in line for line in tma)
+    assert ".local" not in ptx
+    kernel = gemm.gemm_sm90.HybridGroupedGemmSm90(cfg, block_k, None, has_bias, block_n, 4,
+                                                   one_group, staged)
+    # staged: 16-byte global stores only; else the fragment's column pairs
+    stores = [line for line in ptx.splitlines() if "st.global" in line]
+    assert stores and all((".v4.b32" in line or ".v4.u32" in line or ".b128" in line)
+                          == staged for line in stores), stores[:4]
+    assert re.search(rf"\.minnctapersm {kernel.min_blocks_per_sm}\b", ptx)
 
 
 # ----------------------------------------------------------------------------- GPU tier
@@ -260,7 +343,7 @@ def ragged_counts(num_experts, num_rows, seed, empty=(1,)):
 @needs_dsl
 @pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("act_block_m", [1, 64, 128])
-@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("tile", [tile_param(t) for t in TILES + SM90_TILES])
 def test_integer_part_is_exact(tile, act_block_m, block_n):
     """F = 1 and small Q: every fp32 step is exact, so the kernel must match bit for bit.
     Full-range signed int8, ragged experts, an empty expert, 2 super groups of 2. Over
@@ -309,7 +392,7 @@ VARIANT_CASES = [
 @needs_dsl
 @pytest.mark.parametrize("out_dtype, bias, act_block_m, block_n, k_in, n_out, group",
                          VARIANT_CASES, ids=["per_token", "general", "default_scales"])
-@pytest.mark.parametrize("tile", NEW_TILES)
+@pytest.mark.parametrize("tile", [tile_param(t) for t in NEW_TILES + SM90_TILES])
 def test_variant_matches_reference(tile, out_dtype, bias, act_block_m, block_n, k_in, n_out,
                                    group):
     counts = ragged_counts(8, 1000, seed=k_in + 1, empty=(0, 5))
@@ -323,7 +406,9 @@ def test_variant_matches_reference(tile, out_dtype, bias, act_block_m, block_n, 
 @pytest.mark.gpu
 @needs_dsl
 @pytest.mark.parametrize("tile, block_k, act_block_m, group", [
-    ("large", 64, 128, 4), ("small", 64, 1, 4), ("large", 256, 1, 2), ("small", 256, 64, 2)])
+    ("large", 64, 128, 4), ("small", 64, 1, 4), ("large", 256, 1, 2), ("small", 256, 64, 2),
+    pytest.param("sm90_64x128", 64, 1, 4, marks=needs_hopper),
+    pytest.param("sm90_128x128", 256, 64, 2, marks=needs_hopper)])
 def test_other_block_k(tile, block_k, act_block_m, group):
     """block_k 64 / 256 (K tile = quant block); G keeps G * 16**2 * block_k * 127**2 < 2**31."""
     counts = ragged_counts(5, 700, seed=block_k, empty=(2,))
@@ -377,11 +462,35 @@ def default_workload_counts(num_rows, num_experts, seed):
 @needs_dsl
 @pytest.mark.parametrize("act_block_m", [128, 1], ids=["abm128", "per_token"])
 @pytest.mark.parametrize("k_in, n_out", [(2048, 1024), (512, 2048)], ids=["gemm1", "gemm2"])
-def test_default_workload(k_in, n_out, act_block_m):
-    """SPEC 8: M=8192, top-8 -> P=65536 rows over E=256 experts, K=2048, N=512."""
+@pytest.mark.parametrize("tile", [None, "small_racc"], ids=["default_tile", "sm80"])
+def test_default_workload(k_in, n_out, act_block_m, tile):
+    """SPEC 8: M=8192, top-8 -> P=65536 rows over E=256 experts, K=2048, N=512; the
+    default tile (the wgmma kernel on Hopper) and the SM80 one."""
     num_rows, num_experts = 65536, 256
     counts = default_workload_counts(num_rows, num_experts, seed=k_in)
     problem, params = make_problem(num_rows=num_rows, counts=counts, k_in=k_in, n_out=n_out,
                                    act_block_m=act_block_m, super_group_size=4, seed=7)
-    out, ref, valid_rows = run_case(problem, params, out_dtype=torch.bfloat16)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=torch.bfloat16, tile=tile)
+    check(out, ref, tolerance(problem, params, ref, torch.bfloat16), valid_rows)
+
+
+@pytest.mark.gpu
+@needs_dsl
+@needs_hopper
+@pytest.mark.parametrize("one_group", [False, True], ids=["groups", "one_group"])
+def test_sm90_output_not_16_byte_aligned_stores_pairs(one_group):
+    """`out` 4 bytes past a 16-byte boundary: the Hopper kernel falls back to its column-pair
+    stores (the staged epilogue's 16-byte stores would be misaligned) and stays correct."""
+    counts = ragged_counts(5, 700, seed=11)
+    k_in = 512 if one_group else 1024
+    problem, params = make_problem(num_rows=700, counts=counts, k_in=k_in, n_out=256,
+                                   act_block_m=1, super_group_size=4, bias=True, seed=5)
+    buffer = torch.full((700 * 256 + 2,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = buffer[2:].view(700, 256)
+    assert out.data_ptr() % 16 == 4
+    cutlass_backend.grouped_gemm(**problem, **params, out_dtype=torch.bfloat16, out=out,
+                                 tile="sm90_64x128")
+    ref = ref_gemm.grouped_gemm(**problem, **params, out_dtype=torch.bfloat16)
+    valid_rows = int(problem["expert_offsets"][-1])
+    assert torch.isnan(out[valid_rows:]).all()
     check(out, ref, tolerance(problem, params, ref, torch.bfloat16), valid_rows)
