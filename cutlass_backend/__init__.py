@@ -1,7 +1,9 @@
 """CuTe DSL (CUTLASS Python DSL) backend: the hybrid grouped INT8 GEMM of SPEC 5.
 
 ``grouped_gemm`` has the signature and semantics of ``triton_moe.gemm.grouped_gemm``
-(docs/design.md, "Hybrid grouped GEMM"); the kernel lives in ``cutlass_backend/gemm.py``.
+(docs/design.md, "Hybrid grouped GEMM"); the kernels live in ``cutlass_backend/gemm.py``
+(SM80 ``mma.sync``, and the launcher) and ``cutlass_backend/gemm_sm90.py`` (Hopper: TMA +
+int8 ``wgmma``).
 The DSL (``nvidia-cutlass-dsl``) is optional: it is imported on first use, so importing
 this package always works, and :func:`is_available` says why the backend cannot run.
 """
@@ -62,9 +64,12 @@ def grouped_gemm(a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale, expert_offset
     """Hybrid grouped GEMM (SPEC 5) of every expert in one launch, CuTe DSL kernel.
 
     Same arguments and result as ``triton_moe.gemm.grouped_gemm``; ``tile`` (a name of
-    ``cutlass_backend.gemm.TILE_CONFIGS``: default "small_racc" 64x64; the reference
-    design's "large" 128x64 / "small" 64x64; or another variant) overrides the default. Raises
-    :class:`CutlassUnavailableError` (a RuntimeError) if nvidia-cutlass-dsl is missing.
+    ``cutlass_backend.gemm.tile_names()``) overrides the default, which is ``$TRITON_MOE_
+    CUTLASS_TILE`` if set, else "sm90_64x128" (Hopper kernel) on sm_90 when block_n fits its
+    tile, else "small_racc" (SM80 kernel, 64x64); the reference design's "large" 128x64 /
+    "small" 64x64 stay reachable. Raises :class:`CutlassUnavailableError` (a RuntimeError)
+    if nvidia-cutlass-dsl is missing, ValueError for an unknown tile or a Hopper tile on
+    another GPU.
     """
     return _kernels().grouped_gemm(
         a_q, a_qscale, a_fscale, b_q, b_qscale, b_fscale, expert_offsets, scale_row_offsets,

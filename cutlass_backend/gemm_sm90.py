@@ -46,9 +46,8 @@ from dataclasses import dataclass
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.memory
-import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import cute
+from cutlass import cute, pipeline
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
@@ -415,16 +414,16 @@ class HybridGroupedGemmSm90:
                 stages.consumer_release(consumer)
                 consumer.advance()
                 # refill the released stage while this warpgroup weights D_b
-                if warp_idx == 0:
+                if warp_idx == 0:  # noqa: SIM102 -- DSL: a warp test, then the stage count
                     if producer.count < k_tile_count:
                         self._load_stage(stages, producer, tma_atom_a, tAgA, tAsA,
                                          tma_atom_b, tBgB, tBsB)
                         producer.advance()
                 self._weigh(acc_group, acc_block, weight, slice_block, n_slices)
-                if cutlass.const_expr(not self.one_super_group):
+                if cutlass.const_expr(not self.one_super_group):  # noqa: SIM102 -- compile-time
                     if (k_tile + 1) % super_group_size == 0 or k_tile + 1 == k_tile_count:
                         self._flush(acc_f, acc_group, scales, slice_block, n_slices)
-            q_a, f_a, q_b, f_b = scales
+            _, f_a, _, f_b = scales
 
             # ---- epilogue: out = out_dtype(acc + bias), predicated on the expert's rows
             # and Nout; directly in column pairs, or staged through shared memory
