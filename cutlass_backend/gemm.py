@@ -85,6 +85,7 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.cute.typing import AddressSpace
 
 from cutlass_backend import gemm_sm90
+from cutlass_backend.common import find_expert, side_tensors
 
 MMA_SHAPE_MNK = (16, 8, 32)
 NUM_STAGES = 3
@@ -268,7 +269,6 @@ class HybridGroupedGemm:
         k_in = cute.assume(k_blocks * BK, divby=BK)
         # strides in 64 bits, with their divisibility kept for 16-byte copies
         k_in64 = cute.assume(cutlass.Int64(k_in), divby=BK)
-        n_scale_n = n_out // block_n
         # Operands: 64-bit strides (E * Nout * Kin can exceed 2**31).
         mA = cute.make_tensor(a_q, cute.make_layout((num_rows, k_in), stride=(k_in64, 1)))
         mB = cute.make_tensor(
@@ -278,35 +278,11 @@ class HybridGroupedGemm:
                 stride=(cute.assume(cutlass.Int64(n_out) * k_in64, divby=BK), k_in64, 1),
             ),
         )
-        mAQ = cute.make_tensor(
-            a_qscale, cute.make_layout((num_scale_rows, k_blocks), stride=(k_blocks, 1))
-        )
-        mAF = cute.make_tensor(
-            a_fscale,
-            cute.make_layout((num_scale_rows, num_super_groups), stride=(num_super_groups, 1)),
-        )
-        mBQ = cute.make_tensor(
-            b_qscale,
-            cute.make_layout(
-                (num_experts, n_scale_n, k_blocks),
-                stride=(n_scale_n * k_blocks, k_blocks, 1),
-            ),
-        )
-        mBF = cute.make_tensor(
-            b_fscale,
-            cute.make_layout(
-                (num_experts, n_scale_n, num_super_groups),
-                stride=(n_scale_n * num_super_groups, num_super_groups, 1),
-            ),
-        )
-        mEO = cute.make_tensor(expert_offsets, cute.make_layout((num_experts + 1,)))
-        mSRO = cute.make_tensor(scale_row_offsets, cute.make_layout((num_experts + 1,)))
-        mBias = cute.make_tensor(
-            bias, cute.make_layout((num_experts, n_out), stride=(n_out, 1))
-        )
-        mOut = cute.make_tensor(
-            out, cute.make_layout((num_rows, n_out), stride=(cutlass.Int64(n_out), 1))
-        )
+        mAQ, mAF, mBQ, mBF, mEO, mSRO, mBias, mOut = side_tensors(
+            a_qscale, a_fscale, b_qscale, b_fscale, expert_offsets, scale_row_offsets, bias,
+            out, num_rows=num_rows, n_out=n_out, k_blocks=k_blocks, num_experts=num_experts,
+            num_scale_rows=num_scale_rows, num_super_groups=num_super_groups,
+            block_n=block_n)
 
         # Shared memory: K-major int8, atoms of 8 rows x 128 bytes (BK = 128), with
         # Swizzle<3,4,3> XORing the 16-byte chunk index with the row, so the 8 rows one
@@ -418,18 +394,8 @@ class HybridGroupedGemm:
         tile_n = bidx % num_n_tiles
         tile_m = bidx // num_n_tiles
 
-        # ---- find this M tile's expert: e = #{1 <= i < E : offsets[i] + i*BM <= t*BM}
-        lane = cute.arch.lane_idx()
-        row_key = tile_m * BM
-        expert = cutlass.Int32(0)
-        for base in cutlass.range(1, num_experts, 32, unroll=8):
-            i = base + lane
-            i_c = cutlass.min(i, num_experts)
-            hit = (i < num_experts) & (mEO[i_c] + i_c * BM <= row_key)
-            expert = expert + cute.arch.popc(cute.arch.vote_ballot_sync(hit))
-        row_begin = mEO[expert]
-        row_end = mEO[expert + 1]
-        m_start = row_begin + (tile_m - expert - (row_begin + BM - 1) // BM) * BM
+        # ---- this M tile's expert and first row (common.find_expert)
+        expert, row_begin, row_end, m_start = find_expert(mEO, num_experts, tile_m, BM)
 
         if m_start < row_end:
             k_tile_count = cute.size(mA, mode=[1]) // BK
@@ -910,11 +876,11 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
     if num_rows == 0 or n_out == 0 or num_experts == 0:
         return out
 
-    tile = tile or select_tile(num_rows, num_experts, block_n,
-                               torch.cuda.get_device_capability(a_q.device))
+    capability = torch.cuda.get_device_capability(a_q.device)
+    tile = tile or select_tile(num_rows, num_experts, block_n, capability)
     c_dtype = _OUT_DTYPES[out_dtype]
     if tile in gemm_sm90.SM90_TILE_CONFIGS:
-        major, minor = torch.cuda.get_device_capability(a_q.device)
+        major, minor = capability
         if major != 9:
             raise ValueError(f"tile {tile!r} is a Hopper (sm_90a wgmma) kernel; this GPU is "
                              f"sm_{major}{minor}: use one of {sorted(TILE_CONFIGS)}")

@@ -51,6 +51,8 @@ from cutlass import cute, pipeline
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
+from cutlass_backend.common import find_expert, side_tensors
+
 WGMMA_M = 64          # rows of one warpgroup MMA
 GROUP_M = 8           # M tiles per column walk (tile order, see the kernel) ...
 GROUP_M_MIN_BYTES = 8 << 20   # ... for experts with more int8 weight bytes than this
@@ -173,7 +175,6 @@ class HybridGroupedGemmSm90:
         BM, BN, BK = self.tile_m, self.tile_n, self.tile_k
         k_in = cute.assume(k_blocks * BK, divby=BK)
         k_in64 = cute.assume(cutlass.Int64(k_in), divby=BK)
-        n_scale_n = n_out // block_n
         # A [P, Kin]; B as (Nout, Kin, E): the expert is the batch mode of its TMA tensor
         mA = cute.make_tensor(a_q, cute.make_layout((num_rows, k_in), stride=(k_in64, 1)))
         mB = cute.make_tensor(
@@ -183,24 +184,11 @@ class HybridGroupedGemmSm90:
                 stride=(k_in64, 1, cute.assume(cutlass.Int64(n_out) * k_in64, divby=BK)),
             ),
         )
-        mAQ = cute.make_tensor(
-            a_qscale, cute.make_layout((num_scale_rows, k_blocks), stride=(k_blocks, 1)))
-        mAF = cute.make_tensor(
-            a_fscale,
-            cute.make_layout((num_scale_rows, num_super_groups), stride=(num_super_groups, 1)))
-        mBQ = cute.make_tensor(
-            b_qscale,
-            cute.make_layout((num_experts, n_scale_n, k_blocks),
-                             stride=(n_scale_n * k_blocks, k_blocks, 1)))
-        mBF = cute.make_tensor(
-            b_fscale,
-            cute.make_layout((num_experts, n_scale_n, num_super_groups),
-                             stride=(n_scale_n * num_super_groups, num_super_groups, 1)))
-        mEO = cute.make_tensor(expert_offsets, cute.make_layout((num_experts + 1,)))
-        mSRO = cute.make_tensor(scale_row_offsets, cute.make_layout((num_experts + 1,)))
-        mBias = cute.make_tensor(bias, cute.make_layout((num_experts, n_out), stride=(n_out, 1)))
-        mOut = cute.make_tensor(
-            out, cute.make_layout((num_rows, n_out), stride=(cutlass.Int64(n_out), 1)))
+        mAQ, mAF, mBQ, mBF, mEO, mSRO, mBias, mOut = side_tensors(
+            a_qscale, a_fscale, b_qscale, b_fscale, expert_offsets, scale_row_offsets, bias,
+            out, num_rows=num_rows, n_out=n_out, k_blocks=k_blocks, num_experts=num_experts,
+            num_scale_rows=num_scale_rows, num_super_groups=num_super_groups,
+            block_n=block_n)
 
         # int8 wgmma, both operands K-major from shared memory; one warpgroup per 64 rows
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
@@ -292,18 +280,8 @@ class HybridGroupedGemmSm90:
             cpasync.prefetch_descriptor(tma_atom_a)
             cpasync.prefetch_descriptor(tma_atom_b)
 
-        # ---- find this M tile's expert: e = #{1 <= i < E : offsets[i] + i*BM <= t*BM}
-        lane = cute.arch.lane_idx()
-        row_key = tile_m * BM
-        expert = cutlass.Int32(0)
-        for base in cutlass.range(1, num_experts, 32, unroll=8):
-            i = base + lane
-            i_c = cutlass.min(i, num_experts)
-            hit = (i < num_experts) & (mEO[i_c] + i_c * BM <= row_key)
-            expert = expert + cute.arch.popc(cute.arch.vote_ballot_sync(hit))
-        row_begin = mEO[expert]
-        row_end = mEO[expert + 1]
-        m_start = row_begin + (tile_m - expert - (row_begin + BM - 1) // BM) * BM
+        # ---- this M tile's expert and first row (common.find_expert)
+        expert, row_begin, row_end, m_start = find_expert(mEO, num_experts, tile_m, BM)
 
         if m_start < row_end:   # uniform over the CTA
             k_tile_count = mAQ.shape[1]
@@ -363,9 +341,9 @@ class HybridGroupedGemmSm90:
             assert cute.size(frag[0]) == 2 and cute.size(frag[1]) == 2
             n_slices = cute.size(frag[2])
             assert n_slices * 8 == BN
-            # weight column block of each 8-column slice, known at compile time
-            slice_block = [(j * 8) // self.scale_block_n if self.col_blocks > 1 else 0
-                           for j in range(n_slices)]
+            # weight column block of each 8-column slice, known at compile time (0 for
+            # every slice when block_n >= BN)
+            slice_block = [(j * 8) // self.scale_block_n for j in range(n_slices)]
 
             # scale rows of this thread's 2 accumulator rows (rows past the expert's
             # end read its last scale row: they are never stored)
