@@ -825,9 +825,9 @@ def compile_variant(tile: str, block_k: int, out_dtype, has_bias: bool,
     ``--gpu-arch`` in ``options``: sm_80 for the SM80 tiles, sm_90a for the Hopper ones).
     ``out_dtype`` is a torch dtype; ``variant`` is, for an SM80 tile, its scale mode (one of
     SCALE_MODES; True / False = "tile" / "general"), for a Hopper tile ``(block_n,
-    super_group_size, one_super_group, staged_store)``: the weight scale block, G, whether
-    all of K is one super group, and whether the output rows allow 16-byte stores (all
-    compiled in)."""
+    super_group_size, one_group_k_blocks, staged_store)``: the weight scale block, G, the
+    K-block count when all of K is one super group (else 0), and whether the output rows
+    allow 16-byte stores (all compiled in)."""
     c_dtype = _OUT_DTYPES[out_dtype]
     if tile in gemm_sm90.SM90_TILE_CONFIGS:
         kernel = gemm_sm90.HybridGroupedGemmSm90(gemm_sm90.SM90_TILE_CONFIGS[tile], block_k,
@@ -892,8 +892,11 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
         # 8 bf16 / 4 fp32); Nout is then also a multiple of the piece, so pieces never
         # straddle it
         staged_store = (n_out * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
-        variant = (block_n, super_group_size, k_in // block_k <= super_group_size,
-                   staged_store)
+        # all of K in one super group: its K-block count is compiled in (K is fixed per
+        # layer), the K loop unrolls
+        num_k_blocks = k_in // block_k
+        one_group_k_blocks = num_k_blocks if num_k_blocks <= super_group_size else 0
+        variant = (block_n, super_group_size, one_group_k_blocks, staged_store)
     elif tile in TILE_CONFIGS:
         variant = scale_mode_for(tile, act_block_m, block_n)
     else:

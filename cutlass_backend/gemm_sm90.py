@@ -22,9 +22,11 @@ Algorithm (one CTA = one BLOCK_M x BLOCK_N output tile of one expert)
   group, ``acc += (F_A * F_B) * float(S_g)`` in fp32 (design.md's order). A thread's
   accumulator elements lie on 2 rows, so the activation weights are 2 scalars per thread
   for any ``act_block_m`` (per-token included); the weight column block of each element
-  is known at compile time (``block_n`` and G are compile-time parameters). The scales
-  of K-block k are loaded during block k - 1 (an L2 round trip outlasts one block's
-  wgmma).
+  is known at compile time (``block_n`` and G are compile-time parameters). The Q of
+  K-block k are loaded two blocks ahead (an L2 round trip outlasts one block's wgmma and
+  weighting), the F of a super group one group ahead; when all of K is one super group
+  its K-block count is compiled in, the loop unrolls and every Q is loaded up front.
+  Warp 0 issues the first TMA copies before the scale loads and set-up.
 * The wgmma result is needed before the weighting, so one warpgroup idles its tensor
   cores while it weights; two CTAs per SM (<= 255 registers) interleave their wgmma and
   integer phases, as the Triton kernel does. When all of K is one super group (GEMM2 of
@@ -103,17 +105,20 @@ class HybridGroupedGemmSm90:
     block ``block_n``; ``__call__`` takes the same arguments as ``gemm.HybridGroupedGemm``."""
 
     def __init__(self, cfg: Sm90TileConfig, block_k: int, out_dtype, has_bias: bool,
-                 block_n: int, super_group_size: int, one_super_group: bool = False,
+                 block_n: int, super_group_size: int, one_group_k_blocks: int = 0,
                  staged_store: bool = False):
         assert block_k in (64, 128, 256)
         assert cfg.block_m % WGMMA_M == 0 and cfg.block_n % 16 == 0
         self.tile_m, self.tile_n, self.tile_k = cfg.block_m, cfg.block_n, block_k
         stage_bytes = (cfg.block_m + cfg.block_n) * block_k
         self.num_stages = max(2, min(cfg.stages, SMEM_STAGES_BUDGET // stage_bytes))
-        # all of K in one super group (GEMM2 at the default workload: 4 K-blocks, G = 4):
-        # the fp32 sum is formed once at the end, so no fp32 accumulator is carried, and
-        # 64 fewer registers let three one-warpgroup CTAs share an SM
-        self.one_super_group = one_super_group
+        # one_group_k_blocks > 0: all of K is one super group of that many K-blocks
+        # (GEMM2 at the default workload: 4 K-blocks, G = 4). The fp32 sum is formed once
+        # at the end, so no fp32 accumulator is carried (64 fewer registers let three
+        # one-warpgroup CTAs share an SM), and the K loop is unrolled.
+        assert 0 <= one_group_k_blocks <= super_group_size
+        self.one_group_k_blocks = one_group_k_blocks
+        self.one_super_group = one_group_k_blocks > 0
         # G is compiled in: the flush test and the super group of a K-block are then a
         # mask or a multiply, not a run-time integer division per K-block
         self.super_group_size = super_group_size
@@ -138,7 +143,7 @@ class HybridGroupedGemmSm90:
         # rest and three CTAs' stages fit in shared memory, else two (one with two
         # warpgroups)
         per_thread = cfg.block_m * cfg.block_n // (128 * self.num_warpgroups)
-        acc_registers = per_thread * (2 if one_super_group else 3)
+        acc_registers = per_thread * (2 if self.one_super_group else 3)
         smem_per_cta = self.num_stages * stage_bytes + 2048
         if self.num_warpgroups > 1:
             self.min_blocks_per_sm = 1
@@ -257,7 +262,6 @@ class HybridGroupedGemmSm90:
     ):
         BM, BN, BK = self.tile_m, self.tile_n, self.tile_k
         del super_group_size   # the launch argument; G is compiled in
-        super_group_size = self.super_group_size
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -285,6 +289,8 @@ class HybridGroupedGemmSm90:
 
         if m_start < row_end:   # uniform over the CTA
             k_tile_count = mAQ.shape[1]
+            # issued now, beside the expert's offsets: the scale loads depend on it
+            expert_scale_row = mSRO[expert]
 
             smem = cutlass.memory.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
@@ -316,6 +322,18 @@ class HybridGroupedGemmSm90:
                 tma_atom_b, 0, cute.make_layout(1),
                 cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
 
+            # ---- prologue: warp 0 fills the ring first, so that the copies are in flight
+            # during the set-up and scale loads below
+            producer = pipeline.make_pipeline_state(
+                pipeline.PipelineUserType.Producer, self.num_stages)
+            consumer = pipeline.make_pipeline_state(
+                pipeline.PipelineUserType.Consumer, self.num_stages)
+            if warp_idx == 0:
+                for _ in cutlass.range(cutlass.min(self.num_stages, k_tile_count), unroll=1):
+                    self._load_stage(stages, producer, tma_atom_a, tAgA, tAsA, tma_atom_b,
+                                     tBgB, tBsB)
+                    producer.advance()
+
             # ---- MMA operands (per warpgroup) and this thread's accumulator coordinates
             warpgroup_idx = cute.arch.make_warp_uniform(tidx // 128)
             thr_mma_wg = tiled_mma.get_slice(warpgroup_idx * 128)
@@ -329,6 +347,7 @@ class HybridGroupedGemmSm90:
             acc_group = cute.make_rmem_tensor(tCcC.shape, cutlass.Int32)
             acc_group.fill(0)
             num_acc = cute.size(acc_block)
+            acc_f = None
             if cutlass.const_expr(not self.one_super_group):
                 acc_f = cute.make_rmem_tensor(cute.make_layout(num_acc), cutlass.Float32)
                 acc_f.fill(0.0)
@@ -350,7 +369,7 @@ class HybridGroupedGemmSm90:
             a_scale_row = cute.make_rmem_tensor(cute.make_layout(2), cutlass.Int32)
             for r in cutlass.range_constexpr(2):
                 row = cutlass.min(m_start + tCcC[(0, r, 0), 0, 0][0], row_end - 1)
-                a_scale_row[r] = mSRO[expert] + (row - row_begin) // act_block_m
+                a_scale_row[r] = expert_scale_row + (row - row_begin) // act_block_m
             # weight scale column blocks of the tile (columns past Nout clamp)
             b_col_block = cute.make_rmem_tensor(cute.make_layout(self.col_blocks), cutlass.Int32)
             last_col_block = (n_out - 1) // self.scale_block_n
@@ -359,49 +378,57 @@ class HybridGroupedGemmSm90:
                     (tile_n * BN + cb * self.scale_block_n) // self.scale_block_n,
                     last_col_block)
 
-            # Scales of K-block k are loaded during K-block k - 1 (an L2 round trip is
-            # longer than one K-block's wgmma): `scales` holds block k's (q_a, f_a, q_b,
-            # f_b), `scales_next` block k + 1's. F is that block's super group's
-            # (reloaded per block: cache hits).
-            scales = self._scale_registers()
-            scales_next = self._scale_registers()
-            self._load_scales(scales_next, 0, 0, mAQ, mAF, mBQ, mBF, expert, a_scale_row,
-                              b_col_block)
+            f_group = self._f_registers()
+            self._load_f(f_group, 0, mAF, mBF, expert, a_scale_row, b_col_block)
             weight = cute.make_rmem_tensor(cute.make_layout((2, self.col_blocks)), cutlass.Int32)
-
-            # ---- prologue: warp 0 fills the ring
-            producer = pipeline.make_pipeline_state(
-                pipeline.PipelineUserType.Producer, self.num_stages)
-            consumer = pipeline.make_pipeline_state(
-                pipeline.PipelineUserType.Consumer, self.num_stages)
-            if warp_idx == 0:
-                for _ in cutlass.range(cutlass.min(self.num_stages, k_tile_count), unroll=1):
-                    self._load_stage(stages, producer, tma_atom_a, tAgA, tAsA, tma_atom_b,
-                                     tBgB, tBsB)
-                    producer.advance()
-
-            for k_tile in cutlass.range(k_tile_count, unroll=1):
-                self._rotate_scales(scales, scales_next, k_tile, k_tile_count,
-                                    super_group_size, mAQ, mAF, mBQ, mBF, expert,
-                                    a_scale_row, b_col_block)
-                # D_b = A_b B_b^T, then wait for it
-                stages.consumer_wait(consumer)
-                tiled_mma = self._issue_mma(tiled_mma, acc_block, tCrA, tCrB, consumer.index)
-                self._block_weights(weight, scales)
-                warpgroup.wait_group(0)
-                stages.consumer_release(consumer)
-                consumer.advance()
-                # refill the released stage while this warpgroup weights D_b
-                if warp_idx == 0:  # noqa: SIM102 -- DSL: a warp test, then the stage count
-                    if producer.count < k_tile_count:
-                        self._load_stage(stages, producer, tma_atom_a, tAgA, tAsA,
-                                         tma_atom_b, tBgB, tBsB)
-                        producer.advance()
-                self._weigh(acc_group, acc_block, weight, slice_block, n_slices)
-                if cutlass.const_expr(not self.one_super_group):  # noqa: SIM102 -- compile-time
-                    if (k_tile + 1) % super_group_size == 0 or k_tile + 1 == k_tile_count:
-                        self._flush(acc_f, acc_group, scales, slice_block, n_slices)
-            _, f_a, _, f_b = scales
+            if cutlass.const_expr(self.one_group_k_blocks > 0):
+                # All of K is one super group and its K-block count is compiled in: the K
+                # loop unrolls and every K-block's Q is loaded up front.
+                num_kb = self.one_group_k_blocks
+                q_all = [self._q_registers() for _ in range(num_kb)]
+                for kb in cutlass.range_constexpr(num_kb):
+                    self._load_q(q_all[kb], kb, mAQ, mBQ, expert, a_scale_row, b_col_block)
+                for kb in cutlass.range_constexpr(num_kb):
+                    stages.consumer_wait(consumer)
+                    tiled_mma = self._issue_mma(tiled_mma, acc_block, tCrA, tCrB,
+                                                consumer.index)
+                    self._block_weights(weight, q_all[kb])
+                    warpgroup.wait_group(0)
+                    stages.consumer_release(consumer)
+                    consumer.advance()
+                    if cutlass.const_expr(kb + self.num_stages < num_kb):  # noqa: SIM102
+                        if warp_idx == 0:   # refill the released stage
+                            self._load_stage(stages, producer, tma_atom_a, tAgA, tAsA,
+                                             tma_atom_b, tBgB, tBsB)
+                            producer.advance()
+                    self._weigh(acc_group, acc_block, weight, slice_block, n_slices)
+            else:
+                # Q of K-block k loaded two blocks ahead (an L2 round trip outlasts one
+                # block's wgmma and weighting) into two register sets that alternate by
+                # name (K-blocks in pairs), so no in-flight load is copied; the F of a super
+                # group are loaded at the previous group's flush.
+                q_even = self._q_registers()
+                q_odd = self._q_registers()
+                self._load_q(q_even, 0, mAQ, mBQ, expert, a_scale_row, b_col_block)
+                self._load_q(q_odd, cutlass.min(1, k_tile_count - 1), mAQ, mBQ, expert,
+                             a_scale_row, b_col_block)
+                operands = (stages, tma_atom_a, tAgA, tAsA, tma_atom_b, tBgB, tBsB, tCrA,
+                            tCrB, mAQ, mAF, mBQ, mBF, expert, a_scale_row, b_col_block,
+                            warp_idx)
+                # (the pipeline states are assigned from the helper's return: the DSL
+                # carries through a loop or branch only the names assigned or
+                # method-called in it)
+                for k_pair in cutlass.range(0, k_tile_count, 2, unroll=1):
+                    tiled_mma, producer, consumer = self._k_block(
+                        k_pair, k_tile_count, tiled_mma, producer, consumer, acc_block,
+                        acc_group, acc_f, weight, q_even, f_group, slice_block, n_slices,
+                        operands)
+                    if k_pair + 1 < k_tile_count:
+                        tiled_mma, producer, consumer = self._k_block(
+                            k_pair + 1, k_tile_count, tiled_mma, producer, consumer,
+                            acc_block, acc_group, acc_f, weight, q_odd, f_group, slice_block,
+                            n_slices, operands)
+            f_a, f_b = f_group
 
             # ---- epilogue: out = out_dtype(acc + bias), predicated on the expert's rows
             # and Nout; directly in column pairs, or staged through shared memory
@@ -461,39 +488,71 @@ class HybridGroupedGemmSm90:
 
     # ------------------------------------------------------------------ device helpers
     # (traced inline into the kernel; Python loops unroll at compile time)
-    def _scale_registers(self):
-        """(q_a, f_a) of this thread's 2 rows and (q_b, f_b) of the tile's column blocks."""
+    def _q_registers(self):
+        """Q of one K-block: (q_a of this thread's 2 rows, q_b of the tile's column blocks)."""
         return (cute.make_rmem_tensor(cute.make_layout(2), cutlass.Int32),
-                cute.make_rmem_tensor(cute.make_layout(2), cutlass.Float32),
-                cute.make_rmem_tensor(cute.make_layout(self.col_blocks), cutlass.Int32),
+                cute.make_rmem_tensor(cute.make_layout(self.col_blocks), cutlass.Int32))
+
+    def _f_registers(self):
+        """F of one super group: (f_a of the 2 rows, f_b of the column blocks)."""
+        return (cute.make_rmem_tensor(cute.make_layout(2), cutlass.Float32),
                 cute.make_rmem_tensor(cute.make_layout(self.col_blocks), cutlass.Float32))
 
-    def _load_scales(self, dst, k_block, group, mAQ, mAF, mBQ, mBF, expert, a_scale_row,
-                     b_col_block):
-        q_a, f_a, q_b, f_b = dst
+    def _load_q(self, dst, k_block, mAQ, mBQ, expert, a_scale_row, b_col_block):
+        q_a, q_b = dst
         for r in range(2):
             q_a[r] = mAQ[a_scale_row[r], k_block]
-            f_a[r] = mAF[a_scale_row[r], group]
         for cb in range(self.col_blocks):
             q_b[cb] = mBQ[expert, b_col_block[cb], k_block]
+
+    def _load_f(self, dst, group, mAF, mBF, expert, a_scale_row, b_col_block):
+        f_a, f_b = dst
+        for r in range(2):
+            f_a[r] = mAF[a_scale_row[r], group]
+        for cb in range(self.col_blocks):
             f_b[cb] = mBF[expert, b_col_block[cb], group]
 
-    @cute.jit
-    def _rotate_scales(self, scales, scales_next, k_tile, k_tile_count, super_group_size,
-                       mAQ, mAF, mBQ, mBF, expert, a_scale_row, b_col_block):
-        """scales <- block k_tile's (loaded a step ago); load block k_tile + 1's."""
-        for dst, src in zip(scales, scales_next):
-            for i in cutlass.range_constexpr(cute.size(dst)):
-                dst[i] = src[i]
-        if k_tile + 1 < k_tile_count:
-            self._load_scales(scales_next, k_tile + 1, (k_tile + 1) // super_group_size,
-                              mAQ, mAF, mBQ, mBF, expert, a_scale_row, b_col_block)
-
-    def _block_weights(self, weight, scales):
-        q_a, _, q_b, _ = scales
+    def _block_weights(self, weight, q):
+        q_a, q_b = q
         for r in range(2):
             for cb in range(self.col_blocks):
                 weight[r, cb] = q_a[r] * q_b[cb]
+
+    @cute.jit
+    def _k_block(self, k_tile, k_tile_count, tiled_mma, producer, consumer, acc_block,
+                 acc_group, acc_f, weight, q, f_group, slice_block, n_slices, operands):
+        """K-block ``k_tile``: D_b = A_b B_b^T (wait), refill the released stage, S_g +=
+        Q_A Q_B D_b, flush at the end of a super group; ``q`` holds this block's Q and is
+        then reloaded with block k_tile + 2's. Returns (tiled_mma, producer, consumer):
+        see _issue_mma."""
+        (stages, tma_atom_a, tAgA, tAsA, tma_atom_b, tBgB, tBsB, tCrA, tCrB,
+         mAQ, mAF, mBQ, mBF, expert, a_scale_row, b_col_block, warp_idx) = operands
+        G = self.super_group_size
+        stages.consumer_wait(consumer)
+        tiled_mma = self._issue_mma(tiled_mma, acc_block, tCrA, tCrB, consumer.index)
+        self._block_weights(weight, q)
+        # unconditional (clamped past the last block): a predicated load would have to
+        # merge with the old value, and the compiler does that with a copy that waits for
+        # the load
+        self._load_q(q, cutlass.min(k_tile + 2, k_tile_count - 1), mAQ, mBQ, expert,
+                     a_scale_row, b_col_block)
+        warpgroup.wait_group(0)
+        stages.consumer_release(consumer)
+        consumer.advance()
+        # refill the released stage while this warpgroup weights D_b
+        if warp_idx == 0:  # noqa: SIM102 -- DSL: a warp test, then the stage count
+            if producer.count < k_tile_count:
+                self._load_stage(stages, producer, tma_atom_a, tAgA, tAsA, tma_atom_b, tBgB,
+                                 tBsB)
+                producer.advance()
+        self._weigh(acc_group, acc_block, weight, slice_block, n_slices)
+        if cutlass.const_expr(not self.one_super_group):  # noqa: SIM102 -- compile-time
+            if (k_tile + 1) % G == 0 or k_tile + 1 == k_tile_count:
+                self._flush(acc_f, acc_group, f_group, slice_block, n_slices)
+                if k_tile + 1 < k_tile_count:   # the next super group's F
+                    self._load_f(f_group, (k_tile + 1) // G, mAF, mBF, expert, a_scale_row,
+                                 b_col_block)
+        return tiled_mma, producer, consumer
 
     def _load_stage(self, stages, producer, tma_atom_a, tAgA, tAsA, tma_atom_b, tBgB, tBsB):
         """Warp 0: wait for the stage to be free, then TMA K-block producer.count into it."""
@@ -526,9 +585,9 @@ class HybridGroupedGemmSm90:
                     e = c + 2 * r + 4 * j
                     acc_group[e] = acc_group[e] + weight[r, slice_block[j]] * acc[e]
 
-    def _flush(self, acc_f, acc_group, scales, slice_block, n_slices):
+    def _flush(self, acc_f, acc_group, f_group, slice_block, n_slices):
         """End of a super group: acc += (F_A * F_B) * float(S_g); S_g = 0."""
-        _, f_a, _, f_b = scales
+        f_a, f_b = f_group
         for j in range(n_slices):
             for r in range(2):
                 f_ab = f_a[r] * f_b[slice_block[j]]

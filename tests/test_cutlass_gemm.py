@@ -206,13 +206,16 @@ def test_sm90_variant_compiles_with_signed_wgmma_and_tma(tile, out_dtype, has_bi
                                                          one_group, staged, block_k, tmp_path,
                                                          monkeypatch):
     """Compile the Hopper kernel for sm_90a on placeholder pointers (no GPU) and read its
-    PTX: signed int8 wgmma, block_k / 32 of them per K-block, TMA loads into an mbarrier
+    PTX: signed int8 wgmma, block_k / 32 of them per K-block (one super group: its 4
+    K-blocks unrolled; else the main loop takes K-blocks in pairs), TMA loads into an mbarrier
     pipeline, the epilogue's store width, no local memory, the register budget of its CTAs
     per SM."""
     from cutlass_backend import gemm
 
     monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
-    gemm.compile_variant(tile, block_k, out_dtype, has_bias, (block_n, 4, one_group, staged),
+    # one super group: of 4 K-blocks (compiled in), G = 4
+    gemm.compile_variant(tile, block_k, out_dtype, has_bias,
+                         (block_n, 4, 4 if one_group else 0, staged),
                          options=f"--gpu-arch sm_90a --keep-ptx --dump-dir {tmp_path}")
     ptx_files = [p for p in os.listdir(tmp_path) if p.endswith(".sm_90a.ptx")]
     assert len(ptx_files) == 1, ptx_files
@@ -221,7 +224,8 @@ def test_sm90_variant_compiles_with_signed_wgmma_and_tma(tile, out_dtype, has_bi
     wgmma = [line.strip() for line in ptx.splitlines() if "wgmma.mma_async" in line]
     assert wgmma and all(SIGNED_WGMMA.format(n=cfg.block_n) in line for line in wgmma), \
         wgmma[:2]
-    assert len(wgmma) == block_k // 32
+    # unrolled: 4 K-blocks; else the loop takes K-blocks in pairs
+    assert len(wgmma) == (4 if one_group else 2) * (block_k // 32)
     assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx)
     # one 2-D TMA load for A, one 3-D (expert = batch mode) for B, completing on mbarriers
     tma = [line for line in ptx.splitlines() if "cp.async.bulk.tensor" in line]
@@ -229,7 +233,7 @@ def test_sm90_variant_compiles_with_signed_wgmma_and_tma(tile, out_dtype, has_bi
     assert all("mbarrier::complete_tx::bytes" in line for line in tma)
     assert ".local" not in ptx
     kernel = gemm.gemm_sm90.HybridGroupedGemmSm90(cfg, block_k, None, has_bias, block_n, 4,
-                                                   one_group, staged)
+                                                   4 if one_group else 0, staged)
     # staged: 16-byte global stores only; else the fragment's column pairs
     stores = [line for line in ptx.splitlines() if "st.global" in line]
     assert stores and all((".v4.b32" in line or ".v4.u32" in line or ".b128" in line)
