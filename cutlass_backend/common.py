@@ -36,6 +36,13 @@ def side_tensors(a_qscale, a_fscale, b_qscale, b_fscale, expert_offsets, scale_r
     return mAQ, mAF, mBQ, mBF, mEO, mSRO, mBias, mOut
 
 
+# Keys counted in straight-line code (E <= 32 * this): all their loads are in flight at
+# once. A loop with a run-time bound keeps the loads of its unrolled iterations behind
+# its exit tests, one L2 round trip each (ncu, GEMM2 on an H100: 8 serial round trips,
+# a fifth of the kernel's stall samples).
+STATIC_KEY_CHUNKS = 8
+
+
 @cute.jit
 def find_expert(mEO: cute.Tensor, num_experts: cutlass.Int32, tile_m: cutlass.Int32,
                 block_m: cutlass.Constexpr):
@@ -44,12 +51,23 @@ def find_expert(mEO: cute.Tensor, num_experts: cutlass.Int32, tile_m: cutlass.In
     With the strictly increasing keys ``V_e = expert_offsets[e] + e * BLOCK_M``, the slot
     belongs to the expert with ``V_e <= tile_m * BLOCK_M < V_{e+1}``:
     ``e = #{1 <= i < E : V_i <= tile_m * BLOCK_M}``, counted by each warp with coalesced
-    loads, a ballot and popc (one L2 round trip for E <= 256). The tile starts at row
-    ``m_start``; ``m_start >= row_end`` marks a surplus slot (or an empty expert's)."""
+    loads, a ballot and popc (one L2 round trip for E <= 32 * STATIC_KEY_CHUNKS). The
+    tile starts at row ``m_start``; ``m_start >= row_end`` marks a surplus slot (or an
+    empty expert's)."""
     lane = cute.arch.lane_idx()
     row_key = tile_m * block_m
     expert = cutlass.Int32(0)
-    for base in cutlass.range(1, num_experts, 32, unroll=8):
+    # keys 1 .. 32 * STATIC_KEY_CHUNKS: every load first (clamped indices: always in
+    # bounds, no branch between them), then the compares
+    keys = []
+    for c in cutlass.range_constexpr(STATIC_KEY_CHUNKS):
+        i_c = cutlass.min(1 + c * 32 + lane, num_experts)
+        keys.append(mEO[i_c] + i_c * block_m)
+    for c in cutlass.range_constexpr(STATIC_KEY_CHUNKS):
+        hit = (1 + c * 32 + lane < num_experts) & (keys[c] <= row_key)
+        expert = expert + cute.arch.popc(cute.arch.vote_ballot_sync(hit))
+    # more experts: the rest in a loop
+    for base in cutlass.range(1 + 32 * STATIC_KEY_CHUNKS, num_experts, 32, unroll=1):
         i = base + lane
         i_c = cutlass.min(i, num_experts)
         hit = (i < num_experts) & (mEO[i_c] + i_c * block_m <= row_key)
