@@ -241,6 +241,27 @@ def test_sm90_variant_compiles_with_signed_wgmma_and_tma(tile, out_dtype, has_bi
     assert re.search(rf"\.minnctapersm {kernel.min_blocks_per_sm}\b", ptx)
 
 
+
+@needs_dsl
+@pytest.mark.parametrize("k_blocks", [1, 3])
+def test_sm90_one_super_group_unrolls_its_k_blocks(k_blocks, tmp_path, monkeypatch):
+    """All of K one super group of ``k_blocks`` K-blocks (compiled in): the PTX holds
+    exactly block_k / 32 wgmma per K-block, unrolled, and no loop over K."""
+    from cutlass_backend import gemm
+
+    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    gemm.compile_variant("sm90_64x128", 128, torch.bfloat16, False, (64, 4, k_blocks, True),
+                         options=f"--gpu-arch sm_90a --keep-ptx --dump-dir {tmp_path}")
+    ptx_files = [p for p in os.listdir(tmp_path) if p.endswith(".sm_90a.ptx")]
+    ptx = (tmp_path / ptx_files[0]).read_text()
+    wgmma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    assert len(wgmma) == k_blocks * 128 // 32
+    # a bad count is refused when the kernel is built
+    with pytest.raises(AssertionError):
+        gemm.gemm_sm90.HybridGroupedGemmSm90(gemm.gemm_sm90.SM90_TILE_CONFIGS["sm90_64x128"],
+                                              128, None, False, 64, 4, 5, True)
+
+
 # ----------------------------------------------------------------------------- GPU tier
 def make_problem(*, num_rows, counts, k_in, n_out, act_block_m, block_n=64, block_k=128,
                  super_group_size=4, q_max=16, bias=False, seed=0, exact=False,
@@ -498,3 +519,36 @@ def test_sm90_output_not_16_byte_aligned_stores_pairs(one_group):
     valid_rows = int(problem["expert_offsets"][-1])
     assert torch.isnan(out[valid_rows:]).all()
     check(out, ref, tolerance(problem, params, ref, torch.bfloat16), valid_rows)
+
+
+@pytest.mark.gpu
+@needs_dsl
+@needs_hopper
+@pytest.mark.parametrize("k_blocks", [1, 2, 3, 4])
+def test_sm90_one_super_group_unrolled_k(k_blocks):
+    """All of K one super group: the Hopper kernel compiles the K-block count in and
+    unrolls its K loop; fewer K-blocks than TMA stages (1, 2), as many (3) and one more
+    (4, a stage refilled). Bit-exact integer part (F = 1, small Q), per-token rows."""
+    counts = ragged_counts(5, 700, seed=k_blocks, empty=(3,))
+    problem, params = make_problem(num_rows=700, counts=counts, k_in=128 * k_blocks,
+                                   n_out=256, act_block_m=1, super_group_size=4,
+                                   exact=True, seed=k_blocks)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=torch.float32,
+                                    tile="sm90_64x128")
+    check(out, ref, torch.zeros_like(ref, dtype=torch.float64), valid_rows)   # bit-exact
+
+
+@pytest.mark.gpu
+@needs_dsl
+@pytest.mark.parametrize("tile", [tile_param(t) for t in ("small_racc", "sm90_64x128")])
+def test_more_experts_than_the_unrolled_search(tile):
+    """E = 300 > 256: common.find_expert counts the first 256 keys in straight-line code
+    and the rest in a loop; experts past 256 (some empty) must get their rows."""
+    num_experts = 300
+    gen = torch.Generator().manual_seed(300)
+    counts = torch.randint(0, 9, (num_experts,), generator=gen)
+    counts[[0, 255, 256, 299]] = torch.tensor([0, 3, 0, 70])   # around the boundary
+    problem, params = make_problem(num_rows=int(counts.sum()) + 3, counts=counts.tolist(),
+                                   k_in=256, n_out=128, act_block_m=1, exact=True, seed=9)
+    out, ref, valid_rows = run_case(problem, params, out_dtype=torch.float32, tile=tile)
+    check(out, ref, torch.zeros_like(ref, dtype=torch.float64), valid_rows)   # bit-exact
