@@ -34,8 +34,10 @@ Algorithm (one CTA = one BLOCK_M x BLOCK_N output tile of one expert)
   Issuing block k + 1's wgmma before weighting block k (two product tiles) was tried and
   dropped: the compiler copied the in-flight product tile at the loop entry and then
   serialized every wgmma (ptxas C7514), see bench/results/cutlass_sm90.md.
-* Epilogue: ``out = out_dtype(acc + bias)`` from registers, two adjacent columns per store,
-  predicated on the expert's last row and on Nout.
+* Epilogue: ``out = out_dtype(acc + bias)``, predicated on the expert's last row and on
+  Nout: staged through shared memory (B's stages, free by then) and stored in 16-byte
+  pieces when the output rows are 16-byte aligned, else two adjacent columns per store
+  from registers.
 
 Requirements (the launcher in ``gemm.py`` checks them): ``block_k`` in (64, 128, 256),
 ``Kin % block_k == 0``, ``block_n`` a multiple of 8 that divides BLOCK_N or is a multiple of
