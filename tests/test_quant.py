@@ -685,3 +685,38 @@ def test_ieee_div_is_correctly_rounded(device):
     x = torch.rand(1 << 16, device=device) * 10
     exact = (x.double() / 127).float()    # fp32 division correctly rounded via fp64
     assert torch.equal(ieee_div(x, 127).cpu(), exact.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_silu_table_every_gate_value(dtype, device):
+    """16-bit gates take ``gate / (1 + exp(-gate))`` from ``silu_gate_table`` (the oracle's
+    own bits, looked up by bit pattern): every finite gate value of the dtype, per-token
+    SiLU quantization against the oracle, bit for bit."""
+    table = tri.silu_gate_table(dtype, torch.device(device))
+    assert table is not None and table.dtype == torch.float32 and table.shape == (65536,)
+    assert tri.silu_gate_table(dtype, torch.device(device)) is table   # built once
+    assert tri.silu_gate_table(torch.float32, torch.device(device)) is None
+    bits = torch.arange(65536, dtype=torch.int32)
+    gates = torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16).view(dtype)
+    gates = gates[torch.isfinite(gates.float())]
+    inter = 4 * BLOCK_K
+    rows = -(-gates.numel() // inter)
+    gate = torch.zeros(rows * inter, dtype=dtype)
+    gate[:gates.numel()] = gates
+    up = _random((rows, inter), dtype, "cpu", seed=81)
+    h = torch.cat([gate.view(rows, inter), up], dim=1).to(device)
+    segments = _segments([rows], 1, device)
+    got, want = _run_silu(h, *segments, _opts(1, 4, "consistent"))
+    _assert_same(got, want, *segments)
+
+
+def test_silu_table_matches_the_computed_path(device, monkeypatch):
+    """The table path and the fp64-exp path of the per-token kernel give the same bits."""
+    segments = _segments([40, 0, 25], 1, device)
+    opts = _opts(1, 4, "consistent")
+    h = _random((65, 8 * BLOCK_K), torch.bfloat16, device, seed=82) * 4
+    with_table = tri.silu_mul_quantize(h, *segments, **opts)
+    monkeypatch.setattr(tri_pt, "silu_gate_table", lambda dtype, device: None)
+    computed = tri.silu_mul_quantize(h, *segments, **opts)
+    for a, b in zip(with_table, computed):
+        assert torch.equal(a, b)

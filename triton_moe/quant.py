@@ -71,13 +71,16 @@ def _k_tile(tile_start, first_block, group_blocks, offs_t, offs_k, BLOCK_K: tl.c
 
 @triton.jit
 def _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask, stride_src_m,
-               num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr):
+               num_cols, MODE: tl.constexpr, TOP_K: tl.constexpr, silu_table_ptr=None,
+               SILU_TABLE: tl.constexpr = False):
     """Values ``[BLOCK_ROWS, TILE_BLOCKS, BLOCK_K]`` of the matrix being quantized at rows
     ``rows`` (int64; ``row_mask`` says which exist) and output columns ``cols`` (int32
     ``[TILE_BLOCKS, BLOCK_K]``), zero where masked: the source dtype for "plain",
     "gather" and "scatter" (converted where used, so a kept tile costs 16-bit registers),
     fp32 ``silu(gate) * up`` for "silu". In "gather", permuted row r reads token row
-    ``sorted_pair_ids[r] // TOP_K``; otherwise row r itself. Shared with
+    ``sorted_pair_ids[r] // TOP_K``; otherwise row r itself. ``SILU_TABLE``: a 16-bit
+    ``src`` whose ``gate / (1 + exp(-gate))`` is read from ``silu_table_ptr`` at the
+    gate's bit pattern (``silu_gate_table``) instead of computed. Shared with
     ``quant_per_token``."""
     if MODE == "gather":
         pair = tl.load(sorted_pair_ids_ptr + rows, mask=row_mask, other=0)
@@ -86,13 +89,49 @@ def _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask, str
         src_rows = rows
     ptrs = src_ptr + (src_rows * stride_src_m)[:, None, None] + cols[None, :, :]
     mask = row_mask[:, None, None] & col_mask[None, :, :]
-    if MODE == "silu":
+    if MODE == "silu" and SILU_TABLE:
+        # masked lanes read bits 0: table[0] = silu(0) = 0, as the computed path gives
+        gate_bits = tl.load(ptrs, mask=mask, other=0.0).to(tl.int16, bitcast=True)
+        silu_gate = tl.load(silu_table_ptr + (gate_bits.to(tl.int32) & 0xFFFF))
+        up = tl.load(ptrs + num_cols, mask=mask, other=0.0).to(tl.float32)
+        values = silu_gate * up
+    elif MODE == "silu":
         gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(ptrs + num_cols, mask=mask, other=0.0).to(tl.float32)
         values = _silu_mul(gate, up)
     else:
         values = tl.load(ptrs, mask=mask, other=0.0)
     return values
+
+
+# gate / (1 + exp(-gate)) of every 16-bit gate value, per (dtype, device): see
+# silu_gate_table
+_SILU_TABLES: dict = {}
+
+
+def silu_gate_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """fp32 ``gate / (1 + exp(-gate))`` for each of the 65536 bit patterns of a bf16 / fp16
+    gate (index = the bits as uint16), made by the oracle's own ``silu_mul`` (times an
+    ``up`` of 1.0, exact), so a lookup returns the oracle's bits by construction. It
+    replaces an fp64 exp, an fp32 IEEE division and their conversions per value in the
+    SiLU quantization (SPEC 6). None for fp32 gates (too many values), and while a CUDA
+    graph is being captured before the table exists (building it would be captured);
+    the kernels then compute the same bits."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    key = (dtype, torch.device(device))
+    table = _SILU_TABLES.get(key)
+    if table is None:
+        if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        from reference.quant import silu_mul
+
+        bits = torch.arange(65536, dtype=torch.int32, device=device)
+        gate = torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16).view(dtype)
+        table = silu_mul(torch.stack([gate, torch.ones_like(gate)], dim=1)).reshape(65536)
+        _SILU_TABLES[key] = table.contiguous()
+        table = _SILU_TABLES[key]
+    return table
 
 
 @triton.jit

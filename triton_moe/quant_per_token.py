@@ -32,7 +32,7 @@ import triton.language as tl
 from reference.quant import SCALE_ROUNDINGS
 from triton_moe.jit_utils import pdl_launch_dependents, pdl_wait
 from triton_moe.quant import (_group_scales, _k_tile, _load_rows, _quantize_exact,
-                               tile_config)
+                               silu_gate_table, tile_config)
 
 MODES = ("scatter", "gather", "plain", "silu", "rows")
 
@@ -63,13 +63,13 @@ def _tile_of_group(group_values, offs_g, tile_blocks):
 @triton.jit
 def _quantize_rows_kernel(
         src_ptr, sorted_pair_ids_ptr, pair_to_row_ptr, expert_offsets_ptr,
-        a_q_ptr, a_qscale_ptr, a_fscale_ptr,
+        a_q_ptr, a_qscale_ptr, a_fscale_ptr, silu_table_ptr,
         num_src_rows, num_cols, num_blocks, stride_src_m, stride_aqm, stride_qsm,
         stride_fsm,
         MODE: tl.constexpr, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, Q_MAX: tl.constexpr,
         ROUNDING: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_BLOCKS: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr, GDC: tl.constexpr):
+        BLOCK_ROWS: tl.constexpr, GDC: tl.constexpr, SILU_TABLE: tl.constexpr):
     """Quantize rows ``[pid0 * BLOCK_ROWS, +BLOCK_ROWS)`` over super group ``pid1``.
 
     Source rows are tokens ("scatter", ``num_src_rows`` = M), any ``num_src_rows`` rows
@@ -120,7 +120,7 @@ def _quantize_rows_kernel(
         tile_blocks, cols, col_mask = _k_tile(tile_start, first_block, group_blocks,
                                               offs_t, offs_k, BLOCK_K)
         values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols, col_mask,
-                            stride_src_m, num_cols, MODE, TOP_K)
+                            stride_src_m, num_cols, MODE, TOP_K, silu_table_ptr, SILU_TABLE)
         values_f32 = values.to(tl.float32)
         tile_amax = tl.max(tl.abs(values_f32), axis=2)
         any_nan = tl.maximum(any_nan, tl.max(tl.max((values_f32 != values_f32).to(tl.int32),
@@ -147,7 +147,8 @@ def _quantize_rows_kernel(
             tile_scale = scale
         else:
             values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, row_mask, cols,
-                                col_mask, stride_src_m, num_cols, MODE, TOP_K)
+                                col_mask, stride_src_m, num_cols, MODE, TOP_K, silu_table_ptr,
+                                SILU_TABLE)
             tile_scale = _tile_of_group(scale, offs_g, tile_blocks)
         tile_scale = tl.broadcast_to(tile_scale[:, :, None], [BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
         a_q = _quantize_exact(values.to(tl.float32), tile_scale)
@@ -231,14 +232,16 @@ def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
         assert sorted_pair_ids is not None and sorted_pair_ids.is_contiguous()
     config = per_token_config(mode, num_blocks, super_group_size, block_k, num_src_rows)
     grid = (triton.cdiv(num_src_rows, config["BLOCK_ROWS"]), num_groups)
+    silu_table = silu_gate_table(src.dtype, device) if mode == "silu" else None
     _quantize_rows_kernel[grid](
         src, sorted_pair_ids if sorted_pair_ids is not None else expert_offsets,
         pair_to_row if pair_to_row is not None else expert_offsets, expert_offsets,
-        a_q, a_qscale, a_fscale,
+        a_q, a_qscale, a_fscale, silu_table if silu_table is not None else a_fscale,
         num_src_rows, num_cols, num_blocks, src.stride(0), a_q.stride(0),
         a_qscale.stride(0), a_fscale.stride(0),
         MODE=mode, TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_K=block_k,
         SUPER_GROUP=super_group_size, Q_MAX=q_max, ROUNDING=scale_rounding, GDC=gdc,
+        SILU_TABLE=silu_table is not None,
         **config, **({"launch_pdl": True} if launch_pdl else {}))
     return a_q, a_qscale, a_fscale
 
