@@ -569,6 +569,7 @@ AOT_CASES = {
     "scatter-nearest-m1-multi-tile": ("scatter", "*fp32", "nearest", 1, 56, 256, {}),
     "silu-nearest-m1-G4": ("silu", "*bf16", "nearest", 1, 4, 4, {}),
     "silu-consistent-m1-G256": ("silu", "*fp16", "consistent", 1, 4, 256, {}),
+    "silu-table-m1-G4": ("silu", "*bf16", "consistent", 1, 4, 4, {"SILU_TABLE": True}),
     "silu-nearest-m128-G4": ("silu", "*bf16", "nearest", 128, 4, 4, {}),
     "silu-multi-tile": ("silu", "*bf16", "consistent", 64, 8, 256,
                         {"TILE_BLOCKS": 4, "BLOCK_ROWS": 2}),
@@ -577,7 +578,8 @@ AOT_CASES = {
 
 def _compile_case(mode, src_type, rounding, act_block_m, num_blocks, group, overrides):
     if act_block_m == 1:
-        return _compile_per_token_case(mode, src_type, rounding, num_blocks, group)
+        return _compile_per_token_case(mode, src_type, rounding, num_blocks, group,
+                                       overrides.get("SILU_TABLE", False))
     config = tri.act_quant_config(mode, act_block_m, num_blocks, group, BLOCK_K)
     config.update(overrides)
     num_warps = config.pop("num_warps")
@@ -593,16 +595,19 @@ def _compile_case(mode, src_type, rounding, act_block_m, num_blocks, group, over
                               num_warps=num_warps)
 
 
-def _compile_per_token_case(mode, src_type, rounding, num_blocks, group):
-    config = tri_pt.per_token_config(mode, num_blocks, group, BLOCK_K, num_rows=8192)
+def _compile_per_token_case(mode, src_type, rounding, num_blocks, group, silu_table):
+    config_mode = "silu_computed" if mode == "silu" and not silu_table else mode
+    config = tri_pt.per_token_config(config_mode, num_blocks, group, BLOCK_K, num_rows=8192)
     num_warps = config.pop("num_warps")
     signature = {"src_ptr": src_type, "sorted_pair_ids_ptr": "*i32", "pair_to_row_ptr": "*i32",
                  "expert_offsets_ptr": "*i32", "a_q_ptr": "*i8", "a_qscale_ptr": "*i32",
-                 "a_fscale_ptr": "*fp32", "num_src_rows": "i32", "num_cols": "i32",
+                 "a_fscale_ptr": "*fp32", "silu_table_ptr": "*fp32", "num_src_rows": "i32",
+                 "num_cols": "i32",
                  "num_blocks": "i32", "stride_src_m": "i32", "stride_aqm": "i32",
                  "stride_qsm": "i32", "stride_fsm": "i32"}
     constexprs = dict(MODE=mode, TOP_K=8, NUM_EXPERTS=256, BLOCK_K=BLOCK_K,
-                      SUPER_GROUP=group, Q_MAX=Q_MAX, ROUNDING=rounding, GDC=False, **config)
+                      SUPER_GROUP=group, Q_MAX=Q_MAX, ROUNDING=rounding, GDC=False,
+                      SILU_TABLE=silu_table, **config)
     return compile_for_hopper(tri_pt._quantize_rows_kernel, signature, constexprs,
                               num_warps=num_warps)
 
@@ -631,7 +636,9 @@ def test_kernel_compiles_for_sm90(case, aot_facts):
     # IEEE division only: the scales and the near-tie rewrite use div_rn (SPEC 4)
     assert facts["div_rn"] and not facts["approx_div"]
     assert not facts["fp32_exp"]  # SiLU's exp is the fp64 one the oracle uses
-    assert facts["fp64"] == case.startswith("silu")
+    # ... or none: the table path reads gate / (1 + exp(-gate)) from silu_gate_table
+    assert facts["fp64"] == (case.startswith("silu")
+                             and not AOT_CASES[case][-1].get("SILU_TABLE", False))
 
 
 # ----------------------------------------------------------------------------- real sizes

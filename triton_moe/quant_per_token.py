@@ -37,18 +37,22 @@ from triton_moe.quant import (_group_scales, _k_tile, _load_rows, _quantize_exac
 MODES = ("scatter", "gather", "plain", "silu", "rows")
 
 # Configs as data: values a program holds per tile ([BLOCK_ROWS, TILE_BLOCKS, BLOCK_K])
-# and values per thread (sets the warps). The SiLU mode inlines an fp64 exp per value,
-# so it takes fewer values per thread (as in triton_moe.quant). Measured on an H200 at
-# the 35B-A3B shape (CUDA graph, us; tile values / values per thread): scatter 2048/16
-# 60.8, 4096/16 61.1, 1024/16 59.6, 2048/8 62.5; SiLU 1024/8 113.4, 2048/8 117.7,
-# 4096/8 129.0, 2048/4 148.2, 4096/16 132.2. "rows" (the decode path, a few rows, on its
+# and values per thread (sets the warps). SiLU: "silu" looks its gate up in
+# quant.silu_gate_table (16-bit h, the usual case); "silu_computed" (fp32 h, or a
+# capture before the table exists) inlines an fp64 exp per value, so it takes fewer
+# values per thread (as in triton_moe.quant). Measured on an H200 at the 35B-A3B shape
+# (CUDA graph, us; tile values / values per thread): scatter 2048/16 60.8, 4096/16 61.1,
+# 1024/16 59.6, 2048/8 62.5; computed SiLU 1024/8 113.4, 2048/8 117.7, 4096/8 129.0,
+# 2048/4 148.2, 4096/16 132.2. Table SiLU, H100, session 8: 1024/16 71.7, 2048/16 73.2,
+# 4096/16 77.1, 2048/8 84.6, 1024/8 86.8, 512/4 111.3, 1024/4 118.7. "rows" (the decode path, a few rows, on its
 # critical path): more programs and threads for the same values, H100, session 6, us of
 # the whole decode forward: 512/4 against 2048/16, 35B-A3B 2 tokens 29.9 vs 31.3, 8
 # tokens 73.0 vs 74.7; Qwen3-30B-A3B 2 tokens 39.4 vs 42.4 (decode_tuning.md).
 PER_TOKEN_CONFIG = {
     "max_tile_values": {"scatter": 2048, "gather": 2048, "plain": 2048, "silu": 1024,
-                        "rows": 512},
-    "values_per_thread": {"scatter": 16, "gather": 16, "plain": 16, "silu": 8, "rows": 4},
+                        "silu_computed": 1024, "rows": 512},
+    "values_per_thread": {"scatter": 16, "gather": 16, "plain": 16, "silu": 16,
+                          "silu_computed": 8, "rows": 4},
 }
 
 
@@ -230,9 +234,11 @@ def quantize_rows(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
         assert pair_to_row.is_contiguous() and pair_to_row.numel() == num_src_rows * top_k
     if mode == "gather":
         assert sorted_pair_ids is not None and sorted_pair_ids.is_contiguous()
-    config = per_token_config(mode, num_blocks, super_group_size, block_k, num_src_rows)
-    grid = (triton.cdiv(num_src_rows, config["BLOCK_ROWS"]), num_groups)
     silu_table = silu_gate_table(src.dtype, device) if mode == "silu" else None
+    config_mode = "silu_computed" if mode == "silu" and silu_table is None else mode
+    config = per_token_config(config_mode, num_blocks, super_group_size, block_k,
+                              num_src_rows)
+    grid = (triton.cdiv(num_src_rows, config["BLOCK_ROWS"]), num_groups)
     _quantize_rows_kernel[grid](
         src, sorted_pair_ids if sorted_pair_ids is not None else expert_offsets,
         pair_to_row if pair_to_row is not None else expert_offsets, expert_offsets,
