@@ -44,12 +44,13 @@ MODES = ("scatter", "gather", "plain", "silu", "rows")
 # (CUDA graph, us; tile values / values per thread): scatter 2048/16 60.8, 4096/16 61.1,
 # 1024/16 59.6, 2048/8 62.5; computed SiLU 1024/8 113.4, 2048/8 117.7, 4096/8 129.0,
 # 2048/4 148.2, 4096/16 132.2. Table SiLU, H100, session 8: 1024/16 71.7, 2048/16 73.2,
-# 4096/16 77.1, 2048/8 84.6, 1024/8 86.8, 512/4 111.3, 1024/4 118.7. "rows" (the decode path, a few rows, on its
+# 4096/16 77.1, 2048/8 84.6, 1024/8 86.8, 512/4 111.3, 1024/4 118.7; a later call 512/16
+# 67.0, 1024/16 71.9, 512/8 82.4 (8192 rows: 11.2, 12.0, 12.2). "rows" (the decode path, a few rows, on its
 # critical path): more programs and threads for the same values, H100, session 6, us of
 # the whole decode forward: 512/4 against 2048/16, 35B-A3B 2 tokens 29.9 vs 31.3, 8
 # tokens 73.0 vs 74.7; Qwen3-30B-A3B 2 tokens 39.4 vs 42.4 (decode_tuning.md).
 PER_TOKEN_CONFIG = {
-    "max_tile_values": {"scatter": 2048, "gather": 2048, "plain": 2048, "silu": 1024,
+    "max_tile_values": {"scatter": 2048, "gather": 2048, "plain": 2048, "silu": 512,
                         "silu_computed": 1024, "rows": 512},
     "values_per_thread": {"scatter": 16, "gather": 16, "plain": 16, "silu": 16,
                           "silu_computed": 8, "rows": 4},
