@@ -14,7 +14,7 @@ per-token scale allows that a 128-row block does not:
   arithmetic.
 * **One pass**: when a super group fits one tile (the default: 4 K-blocks of 128), the
   values stay in registers between the absmax and the quantization, so every value is
-  loaded once (and the SiLU's fp64 exp evaluated once). Wider super groups are walked in
+  loaded once (and the SiLU evaluated once). Wider super groups are walked in
   K-tiles, twice.
 
 Modes: ``"scatter"`` (token rows -> ``pair_to_row``), ``"gather"`` (permuted row r reads
