@@ -214,13 +214,12 @@ def _bitwise_or(a, b):
 @triton.jit
 def _quantize_act_kernel(
         src_ptr, sorted_pair_ids_ptr, expert_offsets_ptr, scale_row_offsets_ptr,
-        a_q_ptr, a_qscale_ptr, a_fscale_ptr, silu_table_ptr,
+        a_q_ptr, a_qscale_ptr, a_fscale_ptr,
         num_cols, num_blocks, stride_src_m, stride_aqm, stride_qsm, stride_fsm,
         MODE: tl.constexpr, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
         E_PAD: tl.constexpr, ACT_BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         SUPER_GROUP: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr,
-        GROUP_PAD: tl.constexpr, TILE_BLOCKS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-        SILU_TABLE: tl.constexpr):
+        GROUP_PAD: tl.constexpr, TILE_BLOCKS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """Quantize one (scale row, super group) of permuted activations, ``ACT_BLOCK_M > 1``
     (per-token scales go to ``quant_per_token``, whose rows are independent).
 
@@ -307,8 +306,7 @@ def _quantize_act_kernel(
         while row < row_end:
             rows = row + offs_r
             values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, rows < row_end, cols,
-                                col_mask, stride_src_m, num_cols, MODE, TOP_K,
-                                silu_table_ptr, SILU_TABLE)
+                                col_mask, stride_src_m, num_cols, MODE, TOP_K)
             values_f32 = values.to(tl.float32)
             row_amax = tl.maximum(row_amax, tl.max(tl.abs(values_f32), axis=2))
             any_nan = tl.maximum(any_nan, tl.max((values_f32 != values_f32).to(tl.int32)))
@@ -364,8 +362,7 @@ def _quantize_act_kernel(
         while row < last_row:
             rows = row + offs_r
             values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, rows < row_end, cols,
-                                col_mask, stride_src_m, num_cols, MODE, TOP_K,
-                                silu_table_ptr, SILU_TABLE)
+                                col_mask, stride_src_m, num_cols, MODE, TOP_K)
             a_q, tie_score = _quantize_fast(values.to(tl.float32), tile_inv)
             tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :], a_q,
                      mask=(rows < row_end)[:, None, None] & col_mask[None, :, :])
@@ -393,8 +390,7 @@ def _quantize_act_kernel(
                 while row < last:
                     rows = row + offs_r
                     values = _load_rows(src_ptr, sorted_pair_ids_ptr, rows, rows < last, cols,
-                                        col_mask, stride_src_m, num_cols, MODE, TOP_K,
-                                        silu_table_ptr, SILU_TABLE)
+                                        col_mask, stride_src_m, num_cols, MODE, TOP_K)
                     tl.store(a_q_ptr + (rows * stride_aqm)[:, None, None] + cols[None, :, :],
                              _quantize_exact(values.to(tl.float32), tile_scale),
                              mask=(rows < last)[:, None, None] & col_mask[None, :, :])
@@ -465,16 +461,15 @@ def _launch(mode: str, src: torch.Tensor, num_pairs: int, num_cols: int,
         sorted_pair_ids = expert_offsets  # never read outside the gather mode
     config = act_quant_config(mode, act_block_m, num_blocks, super_group_size, block_k,
                               expected_rows=2 * -(-num_pairs // num_experts))
-    silu_table = silu_gate_table(src.dtype, device) if mode == "silu" else None
     _quantize_act_kernel[(num_srows, num_groups)](
         src, sorted_pair_ids, expert_offsets, scale_row_offsets,
-        a_q, a_qscale, a_fscale, silu_table if silu_table is not None else a_fscale,
+        a_q, a_qscale, a_fscale,
         num_cols, num_blocks, src.stride(0), a_q.stride(0), a_qscale.stride(0),
         a_fscale.stride(0),
         MODE=mode, TOP_K=top_k, NUM_EXPERTS=num_experts,
         E_PAD=triton.next_power_of_2(num_experts), ACT_BLOCK_M=act_block_m,
         BLOCK_K=block_k, SUPER_GROUP=super_group_size, Q_MAX=q_max,
-        ROUNDING=scale_rounding, SILU_TABLE=silu_table is not None, **config)
+        ROUNDING=scale_rounding, **config)
     return a_q, a_qscale, a_fscale
 
 
