@@ -876,6 +876,7 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
     if num_rows == 0 or n_out == 0 or num_experts == 0:
         return out
 
+    num_k_blocks = k_in // block_k
     capability = torch.cuda.get_device_capability(a_q.device)
     tile = tile or select_tile(num_rows, num_experts, block_n, capability)
     c_dtype = _OUT_DTYPES[out_dtype]
@@ -894,7 +895,6 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
         staged_store = (n_out * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
         # all of K in one super group: its K-block count is compiled in (K is fixed per
         # layer), the K loop unrolls
-        num_k_blocks = k_in // block_k
         one_group_k_blocks = num_k_blocks if num_k_blocks <= super_group_size else 0
         variant = (block_n, super_group_size, one_group_k_blocks, staged_store)
     elif tile in TILE_CONFIGS:
@@ -911,7 +911,6 @@ def grouped_gemm(a_q: torch.Tensor, a_qscale: torch.Tensor, a_fscale: torch.Tens
                  scale_row_offsets, a_fscale if bias is None else bias, out)  # unread if None
     pointers = [_pointer(dt, t.data_ptr(), al)
                 for (dt, al), t in zip(_pointer_signature(c_dtype), addresses)]
-    num_k_blocks = k_in // block_k
     num_super_groups = a_fscale.shape[1]
     stream = cuda.CUstream(torch.cuda.current_stream(a_q.device).cuda_stream)
     compiled(*pointers, num_rows, n_out, num_k_blocks, num_experts, a_qscale.shape[0],

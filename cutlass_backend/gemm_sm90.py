@@ -380,16 +380,16 @@ class HybridGroupedGemmSm90:
                     (tile_n * BN + cb * self.scale_block_n) // self.scale_block_n,
                     last_col_block)
 
-            f_group = self._f_registers()
-            self._load_f(f_group, 0, mAF, mBF, expert, a_scale_row, b_col_block)
+            f_group = self._scale_registers(cutlass.Float32)
+            self._load_scales(f_group, 0, mAF, mBF, expert, a_scale_row, b_col_block)
             weight = cute.make_rmem_tensor(cute.make_layout((2, self.col_blocks)), cutlass.Int32)
             if cutlass.const_expr(self.one_group_k_blocks > 0):
                 # All of K is one super group and its K-block count is compiled in: the K
                 # loop unrolls and every K-block's Q is loaded up front.
                 num_kb = self.one_group_k_blocks
-                q_all = [self._q_registers() for _ in range(num_kb)]
+                q_all = [self._scale_registers(cutlass.Int32) for _ in range(num_kb)]
                 for kb in cutlass.range_constexpr(num_kb):
-                    self._load_q(q_all[kb], kb, mAQ, mBQ, expert, a_scale_row, b_col_block)
+                    self._load_scales(q_all[kb], kb, mAQ, mBQ, expert, a_scale_row, b_col_block)
                 for kb in cutlass.range_constexpr(num_kb):
                     stages.consumer_wait(consumer)
                     tiled_mma = self._issue_mma(tiled_mma, acc_block, tCrA, tCrB,
@@ -409,10 +409,10 @@ class HybridGroupedGemmSm90:
                 # block's wgmma and weighting) into two register sets that alternate by
                 # name (K-blocks in pairs), so no in-flight load is copied; the F of a super
                 # group are loaded at the previous group's flush.
-                q_even = self._q_registers()
-                q_odd = self._q_registers()
-                self._load_q(q_even, 0, mAQ, mBQ, expert, a_scale_row, b_col_block)
-                self._load_q(q_odd, cutlass.min(1, k_tile_count - 1), mAQ, mBQ, expert,
+                q_even = self._scale_registers(cutlass.Int32)
+                q_odd = self._scale_registers(cutlass.Int32)
+                self._load_scales(q_even, 0, mAQ, mBQ, expert, a_scale_row, b_col_block)
+                self._load_scales(q_odd, cutlass.min(1, k_tile_count - 1), mAQ, mBQ, expert,
                              a_scale_row, b_col_block)
                 operands = (stages, tma_atom_a, tAgA, tAsA, tma_atom_b, tBgB, tBsB, tCrA,
                             tCrB, mAQ, mAF, mBQ, mBF, expert, a_scale_row, b_col_block,
@@ -490,29 +490,21 @@ class HybridGroupedGemmSm90:
 
     # ------------------------------------------------------------------ device helpers
     # (traced inline into the kernel; Python loops unroll at compile time)
-    def _q_registers(self):
-        """Q of one K-block: (q_a of this thread's 2 rows, q_b of the tile's column blocks)."""
-        return (cute.make_rmem_tensor(cute.make_layout(2), cutlass.Int32),
-                cute.make_rmem_tensor(cute.make_layout(self.col_blocks), cutlass.Int32))
+    def _scale_registers(self, dtype):
+        """One scale column (Q of a K-block: Int32, or F of a super group: Float32) of this
+        thread's 2 rows and of the tile's column blocks: (a side, b side)."""
+        return (cute.make_rmem_tensor(cute.make_layout(2), dtype),
+                cute.make_rmem_tensor(cute.make_layout(self.col_blocks), dtype))
 
-    def _f_registers(self):
-        """F of one super group: (f_a of the 2 rows, f_b of the column blocks)."""
-        return (cute.make_rmem_tensor(cute.make_layout(2), cutlass.Float32),
-                cute.make_rmem_tensor(cute.make_layout(self.col_blocks), cutlass.Float32))
-
-    def _load_q(self, dst, k_block, mAQ, mBQ, expert, a_scale_row, b_col_block):
-        q_a, q_b = dst
+    def _load_scales(self, dst, column, mA_scale, mB_scale, expert, a_scale_row,
+                     b_col_block):
+        """dst <- column ``column`` (a K-block of Q_A / Q_B, or a super group of F_A / F_B)
+        at this thread's 2 scale rows and the tile's weight column blocks."""
+        dst_a, dst_b = dst
         for r in range(2):
-            q_a[r] = mAQ[a_scale_row[r], k_block]
+            dst_a[r] = mA_scale[a_scale_row[r], column]
         for cb in range(self.col_blocks):
-            q_b[cb] = mBQ[expert, b_col_block[cb], k_block]
-
-    def _load_f(self, dst, group, mAF, mBF, expert, a_scale_row, b_col_block):
-        f_a, f_b = dst
-        for r in range(2):
-            f_a[r] = mAF[a_scale_row[r], group]
-        for cb in range(self.col_blocks):
-            f_b[cb] = mBF[expert, b_col_block[cb], group]
+            dst_b[cb] = mB_scale[expert, b_col_block[cb], column]
 
     def _block_weights(self, weight, q):
         q_a, q_b = q
@@ -536,7 +528,7 @@ class HybridGroupedGemmSm90:
         # unconditional (clamped past the last block): a predicated load would have to
         # merge with the old value, and the compiler does that with a copy that waits for
         # the load
-        self._load_q(q, cutlass.min(k_tile + 2, k_tile_count - 1), mAQ, mBQ, expert,
+        self._load_scales(q, cutlass.min(k_tile + 2, k_tile_count - 1), mAQ, mBQ, expert,
                      a_scale_row, b_col_block)
         warpgroup.wait_group(0)
         stages.consumer_release(consumer)
@@ -552,7 +544,7 @@ class HybridGroupedGemmSm90:
             if (k_tile + 1) % G == 0 or k_tile + 1 == k_tile_count:
                 self._flush(acc_f, acc_group, f_group, slice_block, n_slices)
                 if k_tile + 1 < k_tile_count:   # the next super group's F
-                    self._load_f(f_group, (k_tile + 1) // G, mAF, mBF, expert, a_scale_row,
+                    self._load_scales(f_group, (k_tile + 1) // G, mAF, mBF, expert, a_scale_row,
                                  b_col_block)
         return tiled_mma, producer, consumer
 

@@ -131,8 +131,7 @@ def silu_gate_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor | 
         bits = torch.arange(65536, dtype=torch.int32, device=device)
         gate = torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16).view(dtype)
         table = silu_mul(torch.stack([gate, torch.ones_like(gate)], dim=1)).reshape(65536)
-        _SILU_TABLES[key] = table.contiguous()
-        table = _SILU_TABLES[key]
+        table = _SILU_TABLES[key] = table.contiguous()
     return table
 
 
