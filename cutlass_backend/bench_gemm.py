@@ -184,7 +184,6 @@ def main():
     import triton
 
     from cutlass_backend import gemm as cute_gemm
-
     from cutlass_backend import gemm_sm90
 
     hopper = torch.cuda.get_device_capability()[0] == 9
