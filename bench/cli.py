@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-graph", action="store_true",
                      help="time eager calls only (default: CUDA-graph replay where capture "
                           "works, else eager; the record says which)")
+    run.add_argument("--host-bound-timing", action="store_true",
+                     help="time graph replays with one event pair per call as issued, as "
+                          "before session 9: a replay shorter than the host's launch cost "
+                          "(~15 us) then measures the host (default: the host is queued "
+                          "ahead, so the events time the GPU's back-to-back replays)")
     run.add_argument("--check-tokens", type=_positive_int, default=4096, metavar="M",
                      help="tokens (the first M of the batch) compared with the fp32 truth "
                           "(default 4096)")

@@ -6,6 +6,10 @@ Rules every measurement here follows:
   backend before timing, and `--warmup` more calls run untimed;
 - one pair of events per call, read only after a device synchronize, so p10/p90 are per
   call and launch gaps of eager backends are counted (they are part of eager cost);
+- graph replays are timed with the host queued ahead of the GPU (`time_replays`): an event
+  pair around a replay otherwise measures the host's submission whenever the graph runs
+  shorter than the host takes to launch it (a graph of one tiny kernel timed 13.8 us per
+  replay that way on the H100 machine, session 9), not the GPU's time;
 - inputs rotate among several copies (bench.runners.Inputs).
 """
 from __future__ import annotations
@@ -51,6 +55,39 @@ def time_calls(call: Callable[[int], object], iters: int, copies: int) -> list[f
         ends[it].record()
     torch.cuda.synchronize()
     return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+
+# Host-ahead timing: a spin kernel of HOST_AHEAD_SPIN_CYCLES (about 2 ms at 2 GHz) holds the
+# stream before every HOST_AHEAD_CHUNK calls, time for the host to enqueue them all (graph
+# replays cost it ~15 us each); it lies outside every timed event pair.
+HOST_AHEAD_CHUNK = 16
+HOST_AHEAD_SPIN_CYCLES = 4_000_000
+
+
+def time_replays(call: Callable[[int], object], iters: int,
+                 copies: int) -> tuple[list[float], int]:
+    """Milliseconds of each of `iters` calls call(i % copies) as the GPU runs them back to
+    back: before every HOST_AHEAD_CHUNK calls the stream spins (``torch.cuda._sleep``)
+    while the host enqueues the chunk's calls and events, so no event pair waits for the
+    host. Returns the times and the number of chunks where the host did not get ahead (the
+    spin had ended before the chunk was enqueued; the spin doubles for the next chunk)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    spin, behind = HOST_AHEAD_SPIN_CYCLES, 0
+    torch.cuda.synchronize()
+    for first in range(0, iters, HOST_AHEAD_CHUNK):
+        torch.cuda._sleep(spin)
+        spun = torch.cuda.Event()
+        spun.record()
+        for it in range(first, min(first + HOST_AHEAD_CHUNK, iters)):
+            starts[it].record()
+            call(it % copies)
+            ends[it].record()
+        if spun.query():  # the GPU was idle before the host finished enqueuing
+            behind += 1
+            spin *= 2
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in zip(starts, ends)], behind
 
 
 def capture_graphs(run: Callable[[int], torch.Tensor], copies: int):
@@ -115,13 +152,16 @@ def time_stages(runner: Runner, copies: int, iters: int) -> dict[str, float]:
 
 
 def benchmark_runner(runner: Runner, copies: int, warmup: int, iters: int,
-                     use_graph: bool = True) -> dict:
+                     use_graph: bool = True, host_ahead: bool = True) -> dict:
     """Time the whole forward (graph replay if capture works, else eager) and its stages.
 
     The caller has already run the backend once (compile + accuracy check). Returns the
-    timing summary, whether a graph was used, why not, the graph's output for copy 0 (to
-    check it against the eager one) and the stage breakdown."""
-    result: dict = {"graph": False, "graph_note": runner.graph_hint, "graph_output": None}
+    timing summary, whether a graph was used, why not, how graph replays were timed
+    (``timing``: "host ahead" by `time_replays`, or "per call" by `time_calls` when
+    ``host_ahead`` is False, as before session 9), the graph's output for copy 0 (to check
+    it against the eager one) and the stage breakdown."""
+    result: dict = {"graph": False, "graph_note": runner.graph_hint, "graph_output": None,
+                    "timing": "per call"}
     graphs = None
     if use_graph and runner.graph_hint is None:
         graphs, outputs, reason = capture_graphs(lambda i: runner.run(i, None), copies)
@@ -140,8 +180,17 @@ def benchmark_runner(runner: Runner, copies: int, warmup: int, iters: int,
     else:
         def call(i):
             runner.run(i, None)
-    time_calls(call, max(1, warmup), copies)  # untimed warm-up in the timed mode
-    result.update(summarize(time_calls(call, iters, copies)))
+    if graphs is not None and host_ahead:
+        time_replays(call, max(1, warmup), copies)  # untimed warm-up in the timed mode
+        times, behind = time_replays(call, iters, copies)
+        result["timing"] = "host ahead"
+        if behind:
+            result["graph_note"] = (f"host fell behind the GPU in {behind} of "
+                                    f"{-(-iters // HOST_AHEAD_CHUNK)} chunks")
+    else:
+        time_calls(call, max(1, warmup), copies)  # untimed warm-up in the timed mode
+        times = time_calls(call, iters, copies)
+    result.update(summarize(times))
     del graphs
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

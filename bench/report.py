@@ -61,6 +61,14 @@ def git_commit() -> Optional[str]:
     return None
 
 
+def _mode(record: dict) -> str:
+    """"graph" (replays timed with the host queued ahead), "graph/call" (replays timed one
+    event pair per call, host submission included: ``--host-bound-timing``) or "eager"."""
+    if not record["graph"]:
+        return "eager"
+    return "graph/call" if record.get("timing") == "per call" else "graph"
+
+
 def make_record(*, backend: str, workload: Workload, dtype: str, env: dict,
                 status: str = "ok", note: str = "", timing: Optional[dict] = None,
                 rel_err: Optional[float] = None, rel_err_tokens: Optional[int] = None,
@@ -93,7 +101,8 @@ def make_record(*, backend: str, workload: Workload, dtype: str, env: dict,
         "pct_peak_gbps": 100 * gbps / peak_gbps if gbps and peak_gbps else None,
         "rel_err": rel_err, "rel_err_tokens": rel_err_tokens, "rel_diff_vs_torch": None,
         "speedup_vs_bf16": None,
-        "graph": bool(timing.get("graph", False)), "stages": dict(timing.get("stages", {})),
+        "graph": bool(timing.get("graph", False)), "timing": timing.get("timing"),
+        "stages": dict(timing.get("stages", {})),
         "routing": {k: v for k, v in workload.routing.items()},
         "quant": dict(quant) if quant is not None else None,
         "ops": ops, "bytes": nbytes, "experts_hit": experts_hit, "copies": copies,
@@ -145,7 +154,7 @@ def results_table(records: list[dict], timed: bool = True) -> str:
             spread = (f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"
                       if r["p10_ms"] is not None else "-")
             row += [_fmt(r["median_ms"], ".3f"), spread,
-                    ("graph" if r["graph"] else "eager") if r["median_ms"] else "-",
+                    _mode(r) if r["median_ms"] else "-",
                     _fmt(r["tops"], ".1f"), _fmt(r["pct_peak_tops"], ".0f"),
                     _fmt(r["gbps"], ".0f"), _fmt(r["pct_peak_gbps"], ".0f"),
                     _fmt(r["speedup_vs_bf16"], ".2f")]

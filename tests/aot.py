@@ -26,14 +26,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict | None = None, *,
-                       num_warps: int = 4, num_stages: int = 3, **options):
+                       num_warps: int = 4, num_stages: int = 3,
+                       divisible_by_16: tuple = (), **options):
     """Compile ``kernel`` (a ``@triton.jit`` function, or an autotuned/heuristics wrapper)
     for sm_90 and return the compiled kernel; ``.asm["ptx"]`` holds the PTX.
 
     ``signature`` maps every argument name to a Triton type string ("*i8", "*fp32",
     "i32", "fp32", "constexpr"); constexpr arguments get their value in ``constexprs``.
     Extra ``options`` (e.g. ``enable_fp_fusion=False``) go to the compiler as a launch
-    would pass them.
+    would pass them. ``divisible_by_16`` names the arguments a launch would specialize as
+    multiples of 16 (aligned pointers, such ints): register counts and vector widths
+    depend on it (``launch_specialization``).
     """
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):
@@ -42,9 +45,43 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict | None = None, 
     signature = dict(signature)
     for name in constexprs:
         signature.setdefault(name, "constexpr")
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in divisible_by_16}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=HOPPER, options={
         "num_warps": num_warps, "num_stages": num_stages, **options})
+
+
+def launch_specialization(signature: dict, values: dict) -> tuple[dict, dict, tuple]:
+    """(signature, constexprs, divisible_by_16) as a launch specializes its arguments:
+    pointers aligned, an int argument equal to 1 a constant, one divisible by 16 marked so
+    (``values``: the int arguments' values in the launch to mimic)."""
+    signature, constexprs = dict(signature), {}
+    divisible = [name for name, kind in signature.items() if kind.startswith("*")]
+    for name, value in values.items():
+        if value == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif value % 16 == 0:
+            divisible.append(name)
+    return signature, constexprs, tuple(divisible)
+
+
+def register_usage(kernel) -> dict:
+    """Registers per thread and spill bytes (stack + local) of a kernel compiled by
+    ``compile_for_hopper``, read from its cubin with the cuobjdump Triton ships."""
+    import re
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+    fields = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+    return {"registers": fields["REG"], "spill_bytes": fields["STACK"] + fields["LOCAL"]}
 
 
 def run_without_interpreter(module: str, function: str, timeout: float = 900):

@@ -267,6 +267,9 @@ class _FakeEvent:
     def elapsed_time(self, other):
         return (other.stamp - self.stamp) * 1e3
 
+    def query(self):
+        return True  # the fake GPU is always done: the host never gets ahead of it
+
 
 class _FakeGraph:
     def replay(self):
@@ -278,7 +281,7 @@ def fake_cuda(monkeypatch):
     """Replace the torch.cuda calls the harness makes, so the GPU code path (events, graph
     capture and its fallback, stages, NVTX) runs on CPU. `fake_cuda["capture_fails"] = True`
     makes graph capture raise as a host sync inside capture does."""
-    state = {"capture_fails": False, "nvtx": []}
+    state = {"capture_fails": False, "nvtx": [], "spins": []}
 
     @contextlib.contextmanager
     def graph(cuda_graph, pool=None, capture_error_mode="global", **kwargs):
@@ -301,6 +304,7 @@ def fake_cuda(monkeypatch):
         "current_stream": lambda *a: Stream(),
         "graph_pool_handle": lambda: None, "get_device_name": lambda *a: "Fake GPU",
         "current_device": lambda: 0, "get_device_properties": lambda *a: Props(),
+        "_sleep": lambda cycles: state["spins"].append(cycles),
     }.items():
         monkeypatch.setattr(cuda, name, value, raising=False)
     monkeypatch.setattr(cuda.profiler, "start", lambda: state["nvtx"].append("start"))
@@ -332,6 +336,26 @@ def test_benchmark_runner_graph_and_fallback(fake_cuda, capture_fails):
     assert 0 < result["p10_ms"] <= result["median_ms"] <= result["p90_ms"]
     assert set(result["stages"]) == set(report.STAGE_ORDER)
     assert all(ms > 0 for ms in result["stages"].values())
+
+
+@pytest.mark.parametrize("host_ahead", [True, False])
+def test_benchmark_runner_graph_timing_modes(fake_cuda, host_ahead):
+    """Graph replays are timed with the host queued ahead (a spin before every chunk of
+    calls, outside the timed pairs) unless ``host_ahead=False``; a chunk whose spin had
+    ended before it was enqueued is reported, and the next spin is twice as long."""
+    result = harness.benchmark_runner(_staged_runner(), copies=3, warmup=1,
+                                      iters=2 * harness.HOST_AHEAD_CHUNK + 1,
+                                      host_ahead=host_ahead)
+    assert result["graph"]
+    if host_ahead:
+        assert result["timing"] == "host ahead"
+        assert result["graph_note"] == "host fell behind the GPU in 3 of 3 chunks"
+        base = harness.HOST_AHEAD_SPIN_CYCLES
+        assert fake_cuda["spins"] == [base] + [base, 2 * base, 4 * base]  # warm-up, timed
+    else:
+        assert result["timing"] == "per call" and result["graph_note"] is None
+        assert fake_cuda["spins"] == []
+    assert 0 < result["p10_ms"] <= result["median_ms"] <= result["p90_ms"]
 
 
 def test_profile_nvtx_ranges(fake_cuda):

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 import triton_moe
-from tests.aot import compile_for_hopper, run_without_interpreter
+from tests.aot import (
+    compile_for_hopper,
+    launch_specialization,
+    register_usage,
+    run_without_interpreter,
+)
 from triton_moe import decode, forward
 
 FORWARD_TOLERANCE = 2e-3  # tests/test_forward.py: relative L2 vs the reference emulation
@@ -243,28 +248,36 @@ def _aot_main():
                              x_q32_ptr="*i32", x_qs_ptr="*i32", x_fs_ptr="*fp32",
                              h_ptr="*fp32", **pointers)
 
-    def gate_up_kernel(num_blocks):
+    def gate_up_kernel(num_blocks, **options):
         steps = decode._steps(num_blocks, decode.chunk_blocks(num_blocks, 4,
                                                               conf["gate_up_chunk"]),
                               conf["gate_up_stages"])
         return compile_for_hopper(
             decode._gate_up_kernel, gate_up_signature,
             dict(common, NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"], **steps),
-            num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"], launch_pdl=True)
+            num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"], launch_pdl=True,
+            **options)
 
-    down_steps = decode._steps(4, decode.chunk_blocks(4, 4, conf["down_chunk"]),
-                               conf["down_stages"])
-    down = compile_for_hopper(
-        decode._down_kernel,
-        dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj", "stride_om"]},
-             topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32", h_fs_ptr="*fp32",
-             out_ptr="*bf16", **pointers),
-        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"], **down_steps),
-        num_warps=conf["down_warps"], num_stages=down_steps["NUM_STAGES"],
-        enable_fp_fusion=False, launch_pdl=True)
+    def down_kernel(num_warps):
+        down_steps = decode._steps(4, decode.chunk_blocks(4, 4, conf["down_chunk"]),
+                                   conf["down_stages"])
+        return compile_for_hopper(
+            decode._down_kernel,
+            dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj",
+                                            "stride_om"]},
+                 topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32",
+                 h_fs_ptr="*fp32", out_ptr="*bf16", **pointers),
+            dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
+                 **down_steps),
+            num_warps=num_warps, num_stages=down_steps["NUM_STAGES"],
+            enable_fp_fusion=False, launch_pdl=True)
+
+    down = down_kernel(conf["down_warps"])
+    gate_up = gate_up_kernel(16)
+    registers = _wave_registers(common, ints, pointers, gate_up_signature)
     # 35B-A3B: K = 2048 (16 blocks) for gate/up, 512 (4) for down: one step each.
     # DeepSeek-V3: K = 7168 (56 blocks), pipelined steps.
-    kernels = (("gate_up", gate_up_kernel(16)), ("gate_up_pipelined", gate_up_kernel(56)),
+    kernels = (("gate_up", gate_up), ("gate_up_pipelined", gate_up_kernel(56)),
                ("down", down))
     # The quantization of h, launched with PDL between the two (tests/test_quant.py
     # compiles this kernel's other modes).
@@ -306,12 +319,14 @@ def _aot_main():
                        "loads_after_wait": sum("ld.global" in line
                                                for line in lines[wait_line:]),
                        "lines": len(lines)}
+    facts["registers"] = registers
     return facts
 
 
 def test_decode_kernels_compile_for_sm90():
     facts = run_without_interpreter("tests.test_decode", "_aot_main")
     quant_h = facts.pop("quant_h")
+    _check_wave_register_budget(facts.pop("registers"))
     for name, fact in facts.items():
         assert fact["dp4a"], name  # the int8 dots: 4 multiply-adds per instruction
         assert fact["fma"], name  # the explicit super-group flush
@@ -330,6 +345,88 @@ def test_decode_kernels_compile_for_sm90():
     assert facts["down"]["launch_dependents"] == facts["down"]["lines"]
     assert 0 <= quant_h[0] < quant_h[1] < quant_h[2]  # h is read after the wait
     assert facts["gate_up"]["fp64_exp"]  # SiLU's exp is the oracle's fp64 one
+
+
+def _allocated(usage: dict) -> int:
+    """Registers an SM allocates to one program: per warp, rounded up to 256."""
+    per_warp = -(-usage["registers"] * 32 // 256) * 256
+    return per_warp * usage["threads"] // 32
+
+
+def _wave_registers(common, ints, pointers, gate_up_signature):
+    """Registers of the kernels as the wave rule launches them at the 35B-A3B shape (one
+    token: K = 2048 for gate/up, 512 for down, E = 256, block_n 64), specialized as that
+    launch is (aligned pointers, unit strides constant, strides divisible by 16 marked)."""
+    conf = decode.DECODE_CONFIG
+    hidden, inter, experts, top_k = 2048, 512, 256, 8
+    gate_up_values = {"num_pairs": top_k, "num_experts": experts,
+                      "num_global_experts": experts, "inter": inter,
+                      "stride_we": 2 * inter * hidden // 4, "stride_wn": hidden // 4,
+                      "stride_wqe": 16 * 16, "stride_wqn": 16, "stride_wqk": 1,
+                      "stride_wfe": 16 * 4, "stride_wfn": 4, "stride_wfg": 1,
+                      "stride_hm": inter}
+    down_values = {"num_pairs": top_k, "num_experts": experts,
+                   "num_global_experts": experts, "hidden": hidden, "stride_twm": top_k,
+                   "stride_twj": 1, "stride_we": hidden * inter // 4,
+                   "stride_wn": inter // 4, "stride_wqe": 32 * 4, "stride_wqn": 4,
+                   "stride_wqk": 1, "stride_wfe": 32, "stride_wfn": 1, "stride_wfg": 1,
+                   "stride_om": hidden}
+    down_signature = dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj",
+                                                     "stride_om"]},
+                          topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32",
+                          h_fs_ptr="*fp32", out_ptr="*bf16", **pointers)
+
+    def build(kernel, signature, values, constexprs, num_warps, **options):
+        signature, unit, divisible = launch_specialization(signature, values)
+        compiled = compile_for_hopper(kernel, signature, dict(constexprs, **unit),
+                                      num_warps=num_warps, num_stages=1,
+                                      divisible_by_16=divisible, launch_pdl=True, **options)
+        return dict(register_usage(compiled), threads=32 * num_warps)
+
+    gate_up_constexprs = dict(common, NUM_BLOCKS=16, BLOCK_N=conf["BLOCK_N"],
+                              **decode._steps(16, 16, conf["gate_up_stages"]))
+    one_wave = decode._wave_config(conf, 1, 1)
+    capped = decode._wave_config(conf, conf["capped_resident"], 1)
+    return {
+        "gate_up": build(decode._gate_up_kernel, gate_up_signature, gate_up_values,
+                         gate_up_constexprs, conf["gate_up_warps"]),
+        "gate_up_capped": build(decode._gate_up_kernel, gate_up_signature, gate_up_values,
+                                gate_up_constexprs, conf["gate_up_warps"],
+                                maxnreg=capped["gate_up_maxnreg"]),
+        "down_one_wave": build(
+            decode._down_kernel, down_signature, down_values,
+            dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
+                 **decode._steps(4, 4, conf["down_stages"])),
+            one_wave["down_warps"], enable_fp_fusion=False),
+    }
+
+
+def _check_wave_register_budget(registers: dict):
+    """What the wave rule assumes on sm_90 (65536 registers per SM): gate/up holds
+    ``gate_up_resident`` programs per SM, and beside them one down program on the
+    one-wave warps; capped, ``capped_resident`` gate/up programs; nothing spills."""
+    conf = decode.DECODE_CONFIG
+    file_size = 65536
+    for name, usage in registers.items():
+        assert usage["spill_bytes"] == 0, (name, usage)
+    gate_up, down = _allocated(registers["gate_up"]), _allocated(registers["down_one_wave"])
+    assert conf["gate_up_resident"] * gate_up + down <= file_size, registers
+    assert (conf["gate_up_resident"] + 1) * gate_up > file_size, registers  # else: more
+    assert conf["capped_resident"] * _allocated(registers["gate_up_capped"]) <= file_size
+
+
+def test_wave_config():
+    """The wave rule: one wave of gate/up at its resident count -> ``one_wave``; one wave
+    only with the register cap -> ``capped``; more, no SM count (CPU, interpreter) or the
+    rule off -> the config as given."""
+    conf = dict(decode.DECODE_CONFIG, gate_up_resident=2, capped_resident=3)
+    assert decode._wave_config(conf, 256, 132) == dict(conf, **conf["one_wave"])
+    assert decode._wave_config(conf, 264, 132)["down_warps"] == conf["one_wave"]["down_warps"]
+    assert decode._wave_config(conf, 384, 132) == dict(conf, **conf["capped"])
+    assert decode._wave_config(conf, 512, 132) == conf
+    assert decode._wave_config(conf, 256, None) == conf
+    assert decode._wave_config(dict(conf, wave_rule=False), 256, 132) == conf | {
+        "wave_rule": False}
 
 
 # ----------------------------------------------------------------------------- GPU

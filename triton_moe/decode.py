@@ -60,8 +60,18 @@ DECODE_CONFIG = {
     "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_one_step": 16, "gate_up_warps": 4,
     "gate_up_stages": 3,
     "BLOCK_OUT": 16, "down_chunk": 4, "down_one_step": 8, "down_warps": 8,
-    "down_stages": 2,
+    "down_stages": 2, "gate_up_maxnreg": None, "down_maxnreg": None,
     "pdl": True,
+    # Waves (``_wave_config``; decode_tuning.md, session 9, H100): registers bound how
+    # many gate/up programs an SM holds (two at its 173 on sm_90: "resident" 2). When
+    # gate/up's grid fits one such wave, down runs on 4 warps (158 registers): one down
+    # program then fits beside two gate/up ones (2 x 22528 + 20480 registers of 65536;
+    # tests/test_decode.py checks the sum) and loads its weights under gate/up instead of
+    # after it (35B-A3B, one token: 17.6 -> 16.8 us). When only a cap of 168 registers
+    # (three per SM, no spill) makes gate/up one wave, it takes the cap (Qwen3-30B-A3B,
+    # one token: 22.8 -> 22.3 us).
+    "wave_rule": True, "gate_up_resident": 2, "one_wave": {"down_warps": 4},
+    "capped_resident": 3, "capped": {"gate_up_maxnreg": 168},
 }
 
 
@@ -406,6 +416,27 @@ def pdl_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _sm_count(device: torch.device) -> int | None:
+    """SMs of a CUDA device (a cached property: no sync), None elsewhere."""
+    if INTERPRETED or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _wave_config(conf: dict, gate_up_programs: int, sm_count: int | None) -> dict:
+    """``conf`` with the wave rule's entries (``DECODE_CONFIG["one_wave"]`` or
+    ``["capped"]``) when ``conf["wave_rule"]`` and gate/up's grid of ``gate_up_programs``
+    fits one wave of ``gate_up_resident`` (or, capped, ``capped_resident``) programs per
+    SM. Compiled launches only (``sm_count`` None: unchanged); same results either way."""
+    if not conf["wave_rule"] or sm_count is None:
+        return conf
+    if gate_up_programs <= conf["gate_up_resident"] * sm_count:
+        return dict(conf, **conf["one_wave"])
+    if gate_up_programs <= conf["capped_resident"] * sm_count:
+        return dict(conf, **conf["capped"])
+    return conf
+
+
 def decode_fits(num_pairs: int, num_experts: int, expert_weight_bytes: int) -> bool:
     """Whether this path takes a call of ``num_pairs`` (token, expert) pairs over
     ``num_experts`` experts of ``expert_weight_bytes`` int8 weights each (w13 and w2):
@@ -451,6 +482,11 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     pdl = conf["pdl"] and pdl_supported(hidden_states.device)
     pdl_launch = {"launch_pdl": True} if pdl else {}
 
+    def regs(name):
+        """A register cap for one kernel (compiled code only)."""
+        cap = conf[name + "_maxnreg"]
+        return {} if cap is None or INTERPRETED else {"maxnreg": cap}
+
     def quantize(rows: torch.Tensor, launch_pdl: bool):
         """Per-token int8 values (as int32, 4 per element), Q and F of every row."""
         values, qscale, fscale = quantize_rows(
@@ -465,6 +501,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
     grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
+    conf = _wave_config(conf, grid[0] * grid[1], _sm_count(hidden_states.device))
     _gate_up_kernel[grid](
         topk_ids, map_arg, *quantize(hidden_states, False), w13, w13_qs, w13_fs, h,
         num_pairs, num_experts, num_global, inter,
@@ -475,7 +512,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
                                                  conf["gate_up_chunk"],
                                                  conf["gate_up_one_step"]),
                  conf["gate_up_stages"]),
-        num_warps=conf["gate_up_warps"], GDC=pdl, **common, **pdl_launch)
+        num_warps=conf["gate_up_warps"], GDC=pdl, **common, **pdl_launch, **regs("gate_up"))
 
     if stage_callback is not None:
         stage_callback("decode_down")
@@ -494,5 +531,5 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
                                                 conf["down_chunk"], conf["down_one_step"]),
                  conf["down_stages"]),
         num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, **common,
-        **pdl_launch)
+        **pdl_launch, **regs("down"))
     return out
