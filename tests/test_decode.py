@@ -427,6 +427,9 @@ def test_wave_config():
     assert decode._wave_config(conf, 256, None) == conf
     assert decode._wave_config(dict(conf, wave_rule=False), 256, 132) == conf | {
         "wave_rule": False}
+    # A caller's own entries win over the rule's.
+    fixed = decode._wave_config(dict(conf, down_warps=8), 256, 132, fixed={"down_warps"})
+    assert fixed["down_warps"] == 8
 
 
 # ----------------------------------------------------------------------------- GPU

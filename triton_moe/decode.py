@@ -54,7 +54,8 @@ from triton_moe.quant_per_token import quantize_rows
 # (44 MB per expert) M = 4 (32 pairs, 1.4 GB) 435 vs 470. Larger cases were not measured.
 # BLOCK_N / BLOCK_OUT: weight rows per program; *_chunk: K-blocks per loop step, and
 # *_one_step: the most K-blocks (padded to a power of two) done in one unpipelined step
-# (``chunk_blocks``); stages: steps in flight; pdl: programmatic dependent launch.
+# (``chunk_blocks``); stages: steps in flight; *_maxnreg: a register cap (None: none);
+# pdl: programmatic dependent launch.
 DECODE_CONFIG = {
     "max_pairs": 64, "experts_per_pair": 1, "max_weight_bytes": 3 * 2**29,
     "BLOCK_N": 16, "gate_up_chunk": 16, "gate_up_one_step": 16, "gate_up_warps": 4,
@@ -423,18 +424,22 @@ def _sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _wave_config(conf: dict, gate_up_programs: int, sm_count: int | None) -> dict:
+def _wave_config(conf: dict, gate_up_programs: int, sm_count: int | None,
+                 fixed=()) -> dict:
     """``conf`` with the wave rule's entries (``DECODE_CONFIG["one_wave"]`` or
     ``["capped"]``) when ``conf["wave_rule"]`` and gate/up's grid of ``gate_up_programs``
     fits one wave of ``gate_up_resident`` (or, capped, ``capped_resident``) programs per
-    SM. Compiled launches only (``sm_count`` None: unchanged); same results either way."""
+    SM; entries named in ``fixed`` (a caller's overrides) are kept. Compiled launches only
+    (``sm_count`` None: unchanged); same results either way."""
     if not conf["wave_rule"] or sm_count is None:
         return conf
     if gate_up_programs <= conf["gate_up_resident"] * sm_count:
-        return dict(conf, **conf["one_wave"])
-    if gate_up_programs <= conf["capped_resident"] * sm_count:
-        return dict(conf, **conf["capped"])
-    return conf
+        rule = conf["one_wave"]
+    elif gate_up_programs <= conf["capped_resident"] * sm_count:
+        rule = conf["capped"]
+    else:
+        return conf
+    return dict(conf, **{key: value for key, value in rule.items() if key not in fixed})
 
 
 def decode_fits(num_pairs: int, num_experts: int, expert_weight_bytes: int) -> bool:
@@ -462,6 +467,9 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     inter = weights.intermediate_size
     num_experts = weights.num_experts
     num_pairs = num_tokens * top_k
+    gate_up_grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
+    conf = _wave_config(conf, gate_up_grid[0] * gate_up_grid[1],
+                        _sm_count(hidden_states.device), fixed=set(config or {}))
     out = torch.empty_like(hidden_states)
     if num_tokens == 0:
         return out
@@ -500,9 +508,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     # lets it start at once) and waits for that kernel's output before reading it.
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
-    grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
-    conf = _wave_config(conf, grid[0] * grid[1], _sm_count(hidden_states.device))
-    _gate_up_kernel[grid](
+    _gate_up_kernel[gate_up_grid](
         topk_ids, map_arg, *quantize(hidden_states, False), w13, w13_qs, w13_fs, h,
         num_pairs, num_experts, num_global, inter,
         w13.stride(0), w13.stride(1), w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
