@@ -46,15 +46,7 @@ def l2_cache_bytes(device=None) -> int:
 def time_calls(call: Callable[[int], object], iters: int, copies: int) -> list[float]:
     """Milliseconds of each of `iters` calls call(i % copies), from events on the current
     stream, read after one synchronize at the end."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    torch.cuda.synchronize()
-    for it in range(iters):
-        starts[it].record()
-        call(it % copies)
-        ends[it].record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    return _event_times(call, iters, copies, spin=0)[0]
 
 
 # Host-ahead timing: a spin kernel of HOST_AHEAD_SPIN_CYCLES (about 2 ms at 2 GHz) holds the
@@ -71,19 +63,29 @@ def time_replays(call: Callable[[int], object], iters: int,
     while the host enqueues the chunk's calls and events, so no event pair waits for the
     host. Returns the times and the number of chunks where the host did not get ahead (the
     spin had ended before the chunk was enqueued; the spin doubles for the next chunk)."""
+    return _event_times(call, iters, copies, spin=HOST_AHEAD_SPIN_CYCLES)
+
+
+def _event_times(call: Callable[[int], object], iters: int, copies: int,
+                 spin: int) -> tuple[list[float], int]:
+    """`time_calls` (``spin`` 0: one event pair per call as issued) and `time_replays`
+    (a spin of ``spin`` cycles before every HOST_AHEAD_CHUNK calls): the times in ms, and
+    the chunks whose spin ended before they were enqueued."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    spin, behind = HOST_AHEAD_SPIN_CYCLES, 0
+    chunk = HOST_AHEAD_CHUNK if spin else max(iters, 1)
+    behind = 0
     torch.cuda.synchronize()
-    for first in range(0, iters, HOST_AHEAD_CHUNK):
-        torch.cuda._sleep(spin)
-        spun = torch.cuda.Event()
-        spun.record()
-        for it in range(first, min(first + HOST_AHEAD_CHUNK, iters)):
+    for first in range(0, iters, chunk):
+        if spin:
+            torch.cuda._sleep(spin)
+            spun = torch.cuda.Event()
+            spun.record()
+        for it in range(first, min(first + chunk, iters)):
             starts[it].record()
             call(it % copies)
             ends[it].record()
-        if spun.query():  # the GPU was idle before the host finished enqueuing
+        if spin and spun.query():  # the GPU was idle before the host finished enqueuing
             behind += 1
             spin *= 2
     torch.cuda.synchronize()

@@ -248,36 +248,30 @@ def _aot_main():
                              x_q32_ptr="*i32", x_qs_ptr="*i32", x_fs_ptr="*fp32",
                              h_ptr="*fp32", **pointers)
 
-    def gate_up_kernel(num_blocks, **options):
+    def gate_up_kernel(num_blocks):
         steps = decode._steps(num_blocks, decode.chunk_blocks(num_blocks, 4,
                                                               conf["gate_up_chunk"]),
                               conf["gate_up_stages"])
         return compile_for_hopper(
             decode._gate_up_kernel, gate_up_signature,
             dict(common, NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"], **steps),
-            num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"], launch_pdl=True,
-            **options)
+            num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"], launch_pdl=True)
 
-    def down_kernel(num_warps):
-        down_steps = decode._steps(4, decode.chunk_blocks(4, 4, conf["down_chunk"]),
-                                   conf["down_stages"])
-        return compile_for_hopper(
-            decode._down_kernel,
-            dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj",
-                                            "stride_om"]},
-                 topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32",
-                 h_fs_ptr="*fp32", out_ptr="*bf16", **pointers),
-            dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
-                 **down_steps),
-            num_warps=num_warps, num_stages=down_steps["NUM_STAGES"],
-            enable_fp_fusion=False, launch_pdl=True)
-
-    down = down_kernel(conf["down_warps"])
-    gate_up = gate_up_kernel(16)
-    registers = _wave_registers(common, ints, pointers, gate_up_signature)
+    down_signature = dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj",
+                                                     "stride_om"]},
+                          topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32",
+                          h_fs_ptr="*fp32", out_ptr="*bf16", **pointers)
+    down_steps = decode._steps(4, decode.chunk_blocks(4, 4, conf["down_chunk"]),
+                               conf["down_stages"])
+    down = compile_for_hopper(
+        decode._down_kernel, down_signature,
+        dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"], **down_steps),
+        num_warps=conf["down_warps"], num_stages=down_steps["NUM_STAGES"],
+        enable_fp_fusion=False, launch_pdl=True)
+    registers = _wave_registers(common, gate_up_signature, down_signature)
     # 35B-A3B: K = 2048 (16 blocks) for gate/up, 512 (4) for down: one step each.
     # DeepSeek-V3: K = 7168 (56 blocks), pipelined steps.
-    kernels = (("gate_up", gate_up), ("gate_up_pipelined", gate_up_kernel(56)),
+    kernels = (("gate_up", gate_up_kernel(16)), ("gate_up_pipelined", gate_up_kernel(56)),
                ("down", down))
     # The quantization of h, launched with PDL between the two (tests/test_quant.py
     # compiles this kernel's other modes).
@@ -353,7 +347,7 @@ def _allocated(usage: dict) -> int:
     return per_warp * usage["threads"] // 32
 
 
-def _wave_registers(common, ints, pointers, gate_up_signature):
+def _wave_registers(common, gate_up_signature, down_signature):
     """Registers of the kernels as the wave rule launches them at the 35B-A3B shape (one
     token: K = 2048 for gate/up, 512 for down, E = 256, block_n 64), specialized as that
     launch is (aligned pointers, unit strides constant, strides divisible by 16 marked)."""
@@ -371,10 +365,6 @@ def _wave_registers(common, ints, pointers, gate_up_signature):
                    "stride_wn": inter // 4, "stride_wqe": 32 * 4, "stride_wqn": 4,
                    "stride_wqk": 1, "stride_wfe": 32, "stride_wfn": 1, "stride_wfg": 1,
                    "stride_om": hidden}
-    down_signature = dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj",
-                                                     "stride_om"]},
-                          topk_weights_ptr="*fp32", h_q32_ptr="*i32", h_qs_ptr="*i32",
-                          h_fs_ptr="*fp32", out_ptr="*bf16", **pointers)
 
     def build(kernel, signature, values, constexprs, num_warps, **options):
         signature, unit, divisible = launch_specialization(signature, values)
