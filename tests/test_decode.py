@@ -17,6 +17,7 @@ from tests.aot import (
     run_without_interpreter,
 )
 from triton_moe import decode, forward
+from triton_moe.quant_per_token import quantize_rows
 
 FORWARD_TOLERANCE = 2e-3  # tests/test_forward.py: relative L2 vs the reference emulation
 # Fewer, larger programs: the interpreter's time grows with the program count (64 rows of
@@ -124,6 +125,38 @@ def test_decode_nan_token_and_dropped_pair_one_step(super_group, device):
     assert torch.isnan(got[1]).all() and not torch.isnan(got[[0, 2]]).any()
 
 
+@pytest.mark.parametrize("hidden, super_group, rounding", [
+    (512, 4, "consistent"),  # one super group: the step flushes once
+    (1024, 4, "consistent"),  # two groups in the step, flushed in order
+    (512, 2, "nearest"),  # the reference design's rounding
+])
+def test_decode_quantizes_x_in_gate_up(hidden, super_group, rounding, device, monkeypatch):
+    """x quantized by every gate/up program (``_quantize_token``) instead of a launch of
+    its own: one quantization launch (h's) instead of two, and the general path's bits,
+    also for a NaN token; with the option off, two launches and the same bits."""
+    x, weights, tw, ti = _problem(3, hidden, 256, 8, 2, device=device, seed=7,
+                                  super_group_size=super_group, scale_rounding=rounding)
+    x[1, 5] = float("nan")
+    quantized = []
+
+    def counting_quantize_rows(mode, src, *args, **kwargs):
+        quantized.append(tuple(src.shape))
+        return quantize_rows(mode, src, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "quantize_rows", counting_quantize_rows)
+    got = decode.moe_forward_decode(x, weights, tw, ti,
+                                    config=dict(FAST, quantize_x_in_gate_up=True))
+    assert quantized == [(6, 256)]  # h only
+    expected = _general(x, weights, tw, ti)
+    _assert_same(got, expected)
+    assert torch.isnan(got[1]).all() and not torch.isnan(got[[0, 2]]).any()
+    quantized.clear()
+    apart = decode.moe_forward_decode(x, weights, tw, ti,
+                                      config=dict(FAST, quantize_x_in_gate_up=False))
+    assert quantized == [(3, hidden), (6, 256)]
+    _assert_same(apart, expected)
+
+
 def test_chunk_blocks_never_straddles_a_super_group():
     assert decode.chunk_blocks(16, 4, 4) == 4
     assert decode.chunk_blocks(16, 4, 16) == 16  # four whole groups
@@ -163,9 +196,10 @@ def test_quantize_rows_mode_rows_matches_oracle(scale_rounding, device):
         torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("hidden", [256, 512])  # x quantized apart / in gate/up
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_decode_dtypes(dtype, device):
-    x, weights, tw, ti = _problem(2, 256, 128, 4, 2, dtype=dtype, device=device, seed=1)
+def test_decode_dtypes(dtype, hidden, device):
+    x, weights, tw, ti = _problem(2, hidden, 128, 4, 2, dtype=dtype, device=device, seed=1)
     got = decode.moe_forward_decode(x, weights, tw, ti, config=FAST)
     assert got.dtype == dtype
     _assert_same(got, _general(x, weights, tw, ti))
@@ -244,18 +278,20 @@ def _aot_main():
     pointers = dict(topk_ids_ptr="*i32", expert_map_ptr="*i32", w32_ptr="*i32",
                     w_qscale_ptr="*i32", w_fscale_ptr="*fp32")
     conf = decode.DECODE_CONFIG
-    gate_up_signature = dict({n: "i32" for n in ints + ["inter", "stride_hm"]},
+    gate_up_signature = dict({n: "i32" for n in ints + ["inter", "stride_hm", "stride_xm"]},
                              x_q32_ptr="*i32", x_qs_ptr="*i32", x_fs_ptr="*fp32",
-                             h_ptr="*fp32", **pointers)
+                             h_ptr="*fp32", x_ptr="*bf16", **pointers)
 
-    def gate_up_kernel(num_blocks):
+    def gate_up_kernel(num_blocks, quantize_x=False):
         steps = decode._steps(num_blocks, decode.chunk_blocks(num_blocks, 4,
                                                               conf["gate_up_chunk"]),
                               conf["gate_up_stages"])
         return compile_for_hopper(
             decode._gate_up_kernel, gate_up_signature,
-            dict(common, NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"], **steps),
-            num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"], launch_pdl=True)
+            dict(common, NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"],
+                 **_quantize_x_constexprs(quantize_x), **steps),
+            num_warps=conf["gate_up_warps"], num_stages=steps["NUM_STAGES"],
+            launch_pdl=not quantize_x)  # quantizing x, gate/up is the first launch
 
     down_signature = dict({n: "i32" for n in ints + ["hidden", "stride_twm", "stride_twj",
                                                      "stride_om"]},
@@ -272,7 +308,7 @@ def _aot_main():
     # 35B-A3B: K = 2048 (16 blocks) for gate/up, 512 (4) for down: one step each.
     # DeepSeek-V3: K = 7168 (56 blocks), pipelined steps.
     kernels = (("gate_up", gate_up_kernel(16)), ("gate_up_pipelined", gate_up_kernel(56)),
-               ("down", down))
+               ("down", down), ("gate_up_quantize_x", gate_up_kernel(16, quantize_x=True)))
     # The quantization of h, launched with PDL between the two (tests/test_quant.py
     # compiles this kernel's other modes).
     from triton_moe import quant_per_token
@@ -301,6 +337,7 @@ def _aot_main():
             return next((i for i, line in enumerate(lines) if text in line), len(lines))
 
         wait_line = first("griddepcontrol.wait")
+        div_line = first("div.rn.f32")
         facts[name] = {"dp4a": "dp4a.s32.s32" in ptx, "fma": "fma.rn.f32" in ptx,
                        "fp64_exp": "fma.rn.f64" in ptx, "cp_async": "cp.async." in ptx,
                        "pdl": kernel.metadata.launch_pdl,
@@ -312,15 +349,23 @@ def _aot_main():
                                                 for line in lines[:wait_line]),
                        "loads_after_wait": sum("ld.global" in line
                                                for line in lines[wait_line:]),
+                       "loads_before_div": sum("ld.global" in line
+                                               for line in lines[:div_line]),
                        "lines": len(lines)}
     facts["registers"] = registers
     return facts
+
+
+def _quantize_x_constexprs(quantize_x: bool) -> dict:
+    """The gate/up kernel's x-quantization constexprs (the default quantization)."""
+    return dict(QUANTIZE_X=quantize_x, Q_MAX=16, ROUNDING="consistent")
 
 
 def test_decode_kernels_compile_for_sm90():
     facts = run_without_interpreter("tests.test_decode", "_aot_main")
     quant_h = facts.pop("quant_h")
     _check_wave_register_budget(facts.pop("registers"))
+    quantize_x = facts.pop("gate_up_quantize_x")
     for name, fact in facts.items():
         assert fact["dp4a"], name  # the int8 dots: 4 multiply-adds per instruction
         assert fact["fma"], name  # the explicit super-group flush
@@ -339,6 +384,15 @@ def test_decode_kernels_compile_for_sm90():
     assert facts["down"]["launch_dependents"] == facts["down"]["lines"]
     assert 0 <= quant_h[0] < quant_h[1] < quant_h[2]  # h is read after the wait
     assert facts["gate_up"]["fp64_exp"]  # SiLU's exp is the oracle's fp64 one
+    # Quantizing x, gate/up is the first launch (no PDL) and lets h's quantization start
+    # at once; every one of its 16-byte weight loads (gate and up: BLOCK_N rows x 16
+    # K-blocks of 128 bytes each, over 4 warps) is issued before the quantization's first
+    # division.
+    conf = decode.DECODE_CONFIG
+    weight_loads = 2 * conf["BLOCK_N"] * 16 * 128 // (16 * 32 * conf["gate_up_warps"])
+    assert not quantize_x["pdl"] and quantize_x["dp4a"] and quantize_x["fma"], quantize_x
+    assert quantize_x["launch_dependents"] < quantize_x["first_store"], quantize_x
+    assert quantize_x["loads_before_div"] >= weight_loads, quantize_x
 
 
 def _allocated(usage: dict) -> int:
@@ -358,7 +412,7 @@ def _wave_registers(common, gate_up_signature, down_signature):
                       "stride_we": 2 * inter * hidden // 4, "stride_wn": hidden // 4,
                       "stride_wqe": 16 * 16, "stride_wqn": 16, "stride_wqk": 1,
                       "stride_wfe": 16 * 4, "stride_wfn": 4, "stride_wfg": 1,
-                      "stride_hm": inter}
+                      "stride_hm": inter, "stride_xm": hidden}
     down_values = {"num_pairs": top_k, "num_experts": experts,
                    "num_global_experts": experts, "hidden": hidden, "stride_twm": top_k,
                    "stride_twj": 1, "stride_we": hidden * inter // 4,
@@ -376,13 +430,14 @@ def _wave_registers(common, gate_up_signature, down_signature):
     gate_up_constexprs = dict(common, NUM_BLOCKS=16, BLOCK_N=conf["BLOCK_N"],
                               **decode._steps(16, 16, conf["gate_up_stages"]))
     one_wave = decode._wave_config(conf, 1, 1)
-    capped = decode._wave_config(conf, conf["capped_resident"], 1)
     return {
         "gate_up": build(decode._gate_up_kernel, gate_up_signature, gate_up_values,
-                         gate_up_constexprs, conf["gate_up_warps"]),
-        "gate_up_capped": build(decode._gate_up_kernel, gate_up_signature, gate_up_values,
-                                gate_up_constexprs, conf["gate_up_warps"],
-                                maxnreg=capped["gate_up_maxnreg"]),
+                         dict(gate_up_constexprs, **_quantize_x_constexprs(
+                             one_wave["quantize_x_in_gate_up"])), conf["gate_up_warps"]),
+        "gate_up_quantize_x": build(decode._gate_up_kernel, gate_up_signature,
+                                    gate_up_values,
+                                    dict(gate_up_constexprs, **_quantize_x_constexprs(True)),
+                                    conf["gate_up_warps"]),
         "down_one_wave": build(
             decode._down_kernel, down_signature, down_values,
             dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
@@ -393,8 +448,9 @@ def _wave_registers(common, gate_up_signature, down_signature):
 
 def _check_wave_register_budget(registers: dict):
     """What the wave rule assumes on sm_90 (65536 registers per SM): gate/up holds
-    ``gate_up_resident`` programs per SM, and beside them one down program on the
-    one-wave warps; capped, ``capped_resident`` gate/up programs; nothing spills."""
+    ``gate_up_resident`` programs per SM, also when it quantizes x, and in one wave (x
+    quantized apart) one down program on the one-wave warps beside them; nothing
+    spills."""
     conf = decode.DECODE_CONFIG
     file_size = 65536
     for name, usage in registers.items():
@@ -402,24 +458,24 @@ def _check_wave_register_budget(registers: dict):
     gate_up, down = _allocated(registers["gate_up"]), _allocated(registers["down_one_wave"])
     assert conf["gate_up_resident"] * gate_up + down <= file_size, registers
     assert (conf["gate_up_resident"] + 1) * gate_up > file_size, registers  # else: more
-    assert conf["capped_resident"] * _allocated(registers["gate_up_capped"]) <= file_size
+    assert conf["gate_up_resident"] * _allocated(registers["gate_up_quantize_x"]) <= file_size
 
 
 def test_wave_config():
-    """The wave rule: one wave of gate/up at its resident count -> ``one_wave``; one wave
-    only with the register cap -> ``capped``; more, no SM count (CPU, interpreter) or the
-    rule off -> the config as given."""
-    conf = dict(decode.DECODE_CONFIG, gate_up_resident=2, capped_resident=3)
+    """The wave rule: one wave of gate/up at its resident count -> ``one_wave`` (x
+    quantized by its own launch, down on fewer warps); more programs, no SM count (CPU,
+    interpreter) or the rule off -> the config as given."""
+    conf = dict(decode.DECODE_CONFIG, gate_up_resident=2)
+    assert conf["quantize_x_in_gate_up"] and not conf["one_wave"]["quantize_x_in_gate_up"]
     assert decode._wave_config(conf, 256, 132) == dict(conf, **conf["one_wave"])
     assert decode._wave_config(conf, 264, 132)["down_warps"] == conf["one_wave"]["down_warps"]
-    assert decode._wave_config(conf, 384, 132) == dict(conf, **conf["capped"])
-    assert decode._wave_config(conf, 512, 132) == conf
+    assert decode._wave_config(conf, 265, 132) == conf
     assert decode._wave_config(conf, 256, None) == conf
     assert decode._wave_config(dict(conf, wave_rule=False), 256, 132) == conf | {
         "wave_rule": False}
     # A caller's own entries win over the rule's.
     fixed = decode._wave_config(dict(conf, down_warps=8), 256, 132, fixed={"down_warps"})
-    assert fixed["down_warps"] == 8
+    assert fixed["down_warps"] == 8 and not fixed["quantize_x_in_gate_up"]
 
 
 # ----------------------------------------------------------------------------- GPU

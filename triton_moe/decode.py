@@ -1,4 +1,5 @@
-"""Small-batch (decode) forward: four launches, no permutation, weights streamed per pair.
+"""Small-batch (decode) forward: three or four launches, no permutation, weights streamed
+per pair.
 
 For a few tokens the general pipeline (``forward.py``: permute, quantize, GEMM1, SiLU,
 GEMM2, un-permute) is bound by its six launches and its 16-row GEMM tiles, not by the
@@ -6,7 +7,10 @@ expert weights it must read. With per-token activation scales (``act_block_m = 1
 pair's arithmetic does not depend on the other pairs, so the path can be regrouped
 without changing a bit of it:
 
-1. quantize the M token rows (``quant_per_token``, mode "rows");
+1. quantize the M token rows (``quant_per_token``, mode "rows"), or, when gate/up takes
+   all of K in one step of whole super groups (``quantize_x_in_gate_up``), let every
+   gate/up program quantize its token's row in registers (``_quantize_token``: the same
+   arithmetic) while its weight loads are in flight;
 2. ``_gate_up_kernel``, one program per (pair, BLOCK_N columns of h): GEMM1's gate and up
    columns of the pair's expert (``gemm.py``'s K-block weighting and super-group flush),
    rounded to the activation dtype as GEMM1's output is, then ``silu(gate) * up`` in fp32
@@ -41,7 +45,7 @@ import triton.language as tl
 
 from triton_moe.jit_utils import INTERPRETED, pdl_launch_dependents, pdl_wait, to_output_dtype
 from triton_moe.permute import INVALID_PAIR, _local_expert_ids
-from triton_moe.quant import _silu_mul
+from triton_moe.quant import _group_scales, _quantize_exact, _silu_mul
 from triton_moe.quant_per_token import quantize_rows
 
 # Configs as data (bench/results/decode_tuning.md: H100, CUDA graph, against the general
@@ -63,16 +67,24 @@ DECODE_CONFIG = {
     "BLOCK_OUT": 16, "down_chunk": 4, "down_one_step": 8, "down_warps": 8,
     "down_stages": 2, "gate_up_maxnreg": None, "down_maxnreg": None,
     "pdl": True,
+    # x quantized by every gate/up program, in registers, while its weight loads are in
+    # flight (when gate/up runs one step over all of K in whole super groups): one launch
+    # fewer, and gate/up, now the first launch, issues its weight loads at once instead of
+    # ~1 us in, after the quantization kernel's start (decode_tuning.md, session 10, H100,
+    # us: 35B-A3B 2 / 4 / 8 tokens 26.40 / 44.32 / 72.40 -> 25.54 / 43.07 / 71.47;
+    # Qwen3-30B-A3B 1 / 2 / 4 / 8 tokens 22.24 / 34.56 / 57.30 / 91.84 -> 21.09 / 34.40 /
+    # 57.36 / 92.45). It takes gate/up from 173 to 217 registers on sm_90: still two
+    # programs per SM.
+    "quantize_x_in_gate_up": True,
     # Waves (``_wave_config``; decode_tuning.md, session 9, H100): registers bound how
-    # many gate/up programs an SM holds (two at its 173 on sm_90: "resident" 2). When
-    # gate/up's grid fits one such wave, down runs on 4 warps (158 registers): one down
-    # program then fits beside two gate/up ones (2 x 22528 + 20480 registers of 65536;
-    # tests/test_decode.py checks the sum) and loads its weights under gate/up instead of
-    # after it (35B-A3B, one token: 17.6 -> 16.8 us). When only a cap of 168 registers
-    # (three per SM, no spill) makes gate/up one wave, it takes the cap (Qwen3-30B-A3B,
-    # one token: 22.8 -> 22.3 us).
-    "wave_rule": True, "gate_up_resident": 2, "one_wave": {"down_warps": 4},
-    "capped_resident": 3, "capped": {"gate_up_maxnreg": 168},
+    # many gate/up programs an SM holds (two: "resident" 2). When gate/up's grid fits one
+    # such wave, x is quantized by its own launch (gate/up at 173 registers) and down runs
+    # on 4 warps (158 registers): one down program then fits beside two gate/up ones (2 x
+    # 22528 + 20480 registers of 65536; tests/test_decode.py checks the sum) and loads its
+    # weights under gate/up instead of after it (35B-A3B, one token: 17.6 -> 16.8 us; with
+    # x quantized in gate/up instead, 17.5).
+    "wave_rule": True, "gate_up_resident": 2,
+    "one_wave": {"down_warps": 4, "quantize_x_in_gate_up": False},
 }
 
 
@@ -154,16 +166,40 @@ def _in_k(blocks, NUM_BLOCKS: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _quantize_token(x_ptr, token, stride_xm, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SUPER_GROUP: tl.constexpr, Q_MAX: tl.constexpr, ROUNDING: tl.constexpr):
+    """The token's row quantized in registers, as ``quant_per_token`` mode "rows" does it
+    (its ``_group_scales`` and ``_quantize_exact``: same bits): ``(x4 int32 [NUM_BLOCKS,
+    BLOCK_K // 4]`` (4 int8 per element, the layout ``x_q32_ptr`` holds), ``Q [NUM_BLOCKS]``,
+    ``F [NUM_BLOCKS // SUPER_GROUP])``. K must hold whole super groups."""
+    GROUPS: tl.constexpr = NUM_BLOCKS // SUPER_GROUP
+    offs = ((tl.arange(0, GROUPS) * (SUPER_GROUP * BLOCK_K))[:, None, None]
+            + (tl.arange(0, SUPER_GROUP) * BLOCK_K)[None, :, None]
+            + tl.arange(0, BLOCK_K)[None, None, :])  # [GROUPS, SUPER_GROUP, BLOCK_K]
+    values = tl.load(x_ptr + token * stride_xm + offs).to(tl.float32)
+    any_nan = tl.max(tl.max((values != values).to(tl.int32), axis=2), axis=1)
+    fscale, qscale, scale = _group_scales(
+        tl.max(tl.abs(values), axis=2), any_nan,
+        tl.full([1, SUPER_GROUP], 1, tl.int1), Q_MAX, ROUNDING)
+    x_q = _quantize_exact(values, tl.broadcast_to(scale[:, :, None], values.shape))
+    # Little-endian packing: byte i of int32 element j is int8 value 4 j + i.
+    x_bytes = tl.reshape(x_q.to(tl.int32) & 0xFF, [NUM_BLOCKS, BLOCK_K // 4, 4])
+    x4 = tl.sum(x_bytes << (8 * tl.arange(0, 4))[None, None, :], axis=2)
+    return x4, tl.reshape(qscale, [NUM_BLOCKS]), fscale
+
+
+@triton.jit
 def _gate_up_kernel(
         topk_ids_ptr, expert_map_ptr, x_q32_ptr, x_qs_ptr, x_fs_ptr,
-        w32_ptr, w_qscale_ptr, w_fscale_ptr, h_ptr,
+        w32_ptr, w_qscale_ptr, w_fscale_ptr, h_ptr, x_ptr,
         num_pairs, num_experts, num_global_experts, inter,
         stride_we, stride_wn, stride_wqe, stride_wqn, stride_wqk,
-        stride_wfe, stride_wfn, stride_wfg, stride_hm,
+        stride_wfe, stride_wfn, stride_wfg, stride_hm, stride_xm,
         HAS_EXPERT_MAP: tl.constexpr, TOP_K: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         BLOCK_K: tl.constexpr, SUPER_GROUP: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
         BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, GEMM_DTYPE: tl.constexpr,
-        NUM_STAGES: tl.constexpr, GDC: tl.constexpr):
+        NUM_STAGES: tl.constexpr, GDC: tl.constexpr, QUANTIZE_X: tl.constexpr,
+        Q_MAX: tl.constexpr, ROUNDING: tl.constexpr):
     """h[pair, cols] = silu(gate) * up in fp32 for ``cols`` = BLOCK_N columns of h.
 
     One loop step per CHUNK K-blocks: the exact int32 dots of the gate and up rows with
@@ -227,16 +263,25 @@ def _gate_up_kernel(
             f_gate_step = _step_fscales(gate_f, kb, stride_wfg, col_mask, CHUNK, SUPER_GROUP)
             f_up_step = _step_fscales(up_f, kb, stride_wfg, col_mask, CHUNK, SUPER_GROUP)
             pdl_wait(GDC)
-        x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4, mask=in_k[:, None],
-                                     other=0)[None, :, :], [BLOCK_N, CHUNK, K4])
-        q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks, mask=in_k, other=0)[None, :]
+        if QUANTIZE_X:  # one step over all of K, whole groups: the row from registers
+            x_row, x_qs, x_fs = _quantize_token(x_ptr, token, stride_xm, NUM_BLOCKS, BLOCK_K,
+                                                SUPER_GROUP, Q_MAX, ROUNDING)
+            x4 = tl.broadcast_to(x_row[None, :, :], [BLOCK_N, CHUNK, K4])
+            q_a = x_qs[None, :]
+        else:
+            x4 = tl.broadcast_to(tl.load(x_row4 + kb * K4 + offs_ck4, mask=in_k[:, None],
+                                         other=0)[None, :, :], [BLOCK_N, CHUNK, K4])
+            q_a = tl.load(x_qs_ptr + token * NUM_BLOCKS + blocks, mask=in_k, other=0)[None, :]
         weighted_gate = _weighted_products(w_gate, x4, q_a * q_gate)  # [BLOCK_N, CHUNK, K4]
         weighted_up = _weighted_products(w_up, x4, q_a * q_up)
         if CHUNK <= SUPER_GROUP:  # the step lies in one group: flush at its last block
             sum_gate += tl.sum(tl.sum(weighted_gate, axis=1), axis=1)
             sum_up += tl.sum(tl.sum(weighted_up, axis=1), axis=1)
             if ((kb + CHUNK) % SUPER_GROUP == 0) | (kb + CHUNK >= NUM_BLOCKS):
-                f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + kb // SUPER_GROUP)
+                if QUANTIZE_X:  # CHUNK == NUM_BLOCKS == SUPER_GROUP: one group
+                    f_a = tl.sum(x_fs, axis=0)
+                else:
+                    f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + kb // SUPER_GROUP)
                 if ONE_STEP:
                     f_gate, f_up = f_gate_step, f_up_step
                 else:
@@ -250,7 +295,10 @@ def _gate_up_kernel(
         else:  # the step holds CHUNK // SUPER_GROUP whole groups: flush each, in order
             GROUPS: tl.constexpr = CHUNK // SUPER_GROUP
             groups = kb // SUPER_GROUP + tl.arange(0, GROUPS)
-            f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + groups)[None, :]
+            if QUANTIZE_X:
+                f_a = x_fs[None, :]
+            else:
+                f_a = tl.load(x_fs_ptr + token * NUM_GROUPS + groups)[None, :]
             if ONE_STEP:
                 f_gate, f_up = f_gate_step, f_up_step
             else:
@@ -426,20 +474,16 @@ def _sm_count(device: torch.device) -> int | None:
 
 def _wave_config(conf: dict, gate_up_programs: int, sm_count: int | None,
                  fixed=()) -> dict:
-    """``conf`` with the wave rule's entries (``DECODE_CONFIG["one_wave"]`` or
-    ``["capped"]``) when ``conf["wave_rule"]`` and gate/up's grid of ``gate_up_programs``
-    fits one wave of ``gate_up_resident`` (or, capped, ``capped_resident``) programs per
-    SM; entries named in ``fixed`` (a caller's overrides) are kept. Compiled launches only
-    (``sm_count`` None: unchanged); same results either way."""
-    if not conf["wave_rule"] or sm_count is None:
+    """``conf`` with the wave rule's entries (``DECODE_CONFIG["one_wave"]``) when
+    ``conf["wave_rule"]`` and gate/up's grid of ``gate_up_programs`` fits one wave of
+    ``gate_up_resident`` programs per SM; entries named in ``fixed`` (a caller's
+    overrides) are kept. Compiled launches only (``sm_count`` None: unchanged); same
+    results either way."""
+    if (not conf["wave_rule"] or sm_count is None
+            or gate_up_programs > conf["gate_up_resident"] * sm_count):
         return conf
-    if gate_up_programs <= conf["gate_up_resident"] * sm_count:
-        rule = conf["one_wave"]
-    elif gate_up_programs <= conf["capped_resident"] * sm_count:
-        rule = conf["capped"]
-    else:
-        return conf
-    return dict(conf, **{key: value for key, value in rule.items() if key not in fixed})
+    return dict(conf, **{key: value for key, value in conf["one_wave"].items()
+                         if key not in fixed})
 
 
 def decode_fits(num_pairs: int, num_experts: int, expert_weight_bytes: int) -> bool:
@@ -475,6 +519,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         return out
     block_k = cfg.block_k
     assert hidden % block_k == 0 and inter % block_k == 0 and block_k % 4 == 0
+    assert hidden_states.stride(1) == 1, "rows of hidden_states must be contiguous"
     gemm_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
                   torch.float32: tl.float32}[hidden_states.dtype]
     if expert_map is None:
@@ -508,17 +553,28 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     # lets it start at once) and waits for that kernel's output before reading it.
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
+    num_blocks = hidden // block_k
+    gate_up_steps = _steps(num_blocks, chunk_blocks(num_blocks, cfg.super_group_size,
+                                                    conf["gate_up_chunk"],
+                                                    conf["gate_up_one_step"]),
+                           conf["gate_up_stages"])
+    # x quantized by every gate/up program (one step over all of K in whole super groups)
+    # or by a launch of its own before gate/up.
+    quantize_x = (conf["quantize_x_in_gate_up"] and gate_up_steps["CHUNK"] == num_blocks
+                  and num_blocks % cfg.super_group_size == 0)
+    if quantize_x:  # gate/up is the first launch; the x_q* arguments are never read
+        x_quantized = (hidden_states, hidden_states, hidden_states)
+    else:
+        x_quantized = quantize(hidden_states, False)
     _gate_up_kernel[gate_up_grid](
-        topk_ids, map_arg, *quantize(hidden_states, False), w13, w13_qs, w13_fs, h,
+        topk_ids, map_arg, *x_quantized, w13, w13_qs, w13_fs, h, hidden_states,
         num_pairs, num_experts, num_global, inter,
         w13.stride(0), w13.stride(1), w13_qs.stride(0), w13_qs.stride(1), w13_qs.stride(2),
         w13_fs.stride(0), w13_fs.stride(1), w13_fs.stride(2), h.stride(0),
-        NUM_BLOCKS=hidden // block_k, BLOCK_N=conf["BLOCK_N"],
-        **_steps(hidden // block_k, chunk_blocks(hidden // block_k, cfg.super_group_size,
-                                                 conf["gate_up_chunk"],
-                                                 conf["gate_up_one_step"]),
-                 conf["gate_up_stages"]),
-        num_warps=conf["gate_up_warps"], GDC=pdl, **common, **pdl_launch, **regs("gate_up"))
+        hidden_states.stride(0), NUM_BLOCKS=num_blocks, BLOCK_N=conf["BLOCK_N"],
+        **gate_up_steps, QUANTIZE_X=quantize_x, Q_MAX=cfg.q_max,
+        ROUNDING=cfg.scale_rounding, num_warps=conf["gate_up_warps"], GDC=pdl, **common,
+        **({} if quantize_x else pdl_launch), **regs("gate_up"))
 
     if stage_callback is not None:
         stage_callback("decode_down")
