@@ -206,10 +206,16 @@ def _gate_up_kernel(
     the token's quantized row (``_dot4`` on 4 packed int8 values: the int8 tensors are
     read as int32 through ``x_q32_ptr`` / ``w32_ptr``, strides in int32 units), the
     Q-weighting into the super group's int32 sum, and at each group's last block the fp32
-    flush: ``gemm.py``'s steps in its order. A pair with no local expert (dropped by
-    ``expert_map``, or an invalid id) gets a zero row: ``_down_kernel`` does not use it,
-    but h is quantized whole, and must not be read uninitialized.
+    flush: ``gemm.py``'s steps in its order. ``QUANTIZE_X`` (one step over all of K, whole
+    super groups): the token's row is quantized here from ``x_ptr`` (``_quantize_token``)
+    after the weight loads are issued, and ``x_q32_ptr`` / ``x_qs_ptr`` / ``x_fs_ptr``
+    are not read. A pair with no local expert (dropped by ``expert_map``, or an invalid
+    id) gets a zero row: ``_down_kernel`` does not use it, but h is quantized whole, and
+    must not be read uninitialized.
     """
+    tl.static_assert(
+        not QUANTIZE_X or (CHUNK == NUM_BLOCKS and NUM_BLOCKS % SUPER_GROUP == 0),
+        "QUANTIZE_X needs one step over all of K in whole super groups")
     pdl_launch_dependents(GDC)
     pair = tl.program_id(0)
     first_col = tl.program_id(1) * BLOCK_N
@@ -548,9 +554,10 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
             scale_rounding=cfg.scale_rounding, gdc=pdl, launch_pdl=launch_pdl)
         return values.view(torch.int32), qscale, fscale
 
-    # Launch order: x quantized (a plain launch), then gate/up, h quantized and down, each
-    # launched with PDL when ``pdl``: it starts under the tail of the kernel before (which
-    # lets it start at once) and waits for that kernel's output before reading it.
+    # Launch order: x quantized (a plain launch; or inside gate/up, which is then the plain
+    # launch), then gate/up, h quantized and down, each launched with PDL when ``pdl``: it
+    # starts under the tail of the kernel before (which lets it start at once) and waits
+    # for that kernel's output before reading it.
     h = torch.empty(num_pairs, inter, dtype=torch.float32, device=hidden_states.device)
     w13_qs, w13_fs = weights.w13_qscale, weights.w13_fscale
     num_blocks = hidden // block_k
