@@ -443,14 +443,20 @@ def _wave_registers(common, gate_up_signature, down_signature):
             dict(common, TOP_K_PAD=8, NUM_BLOCKS=4, BLOCK_OUT=conf["BLOCK_OUT"],
                  **decode._steps(4, 4, conf["down_stages"])),
             one_wave["down_warps"], enable_fp_fusion=False),
+        "down_wide": build(
+            decode._down_kernel, down_signature, down_values,
+            dict(common, TOP_K_PAD=8, NUM_BLOCKS=4,
+                 BLOCK_OUT=conf["wide_down"]["BLOCK_OUT"],
+                 **decode._steps(4, 4, conf["down_stages"])),
+            conf["down_warps"], enable_fp_fusion=False),
     }
 
 
 def _check_wave_register_budget(registers: dict):
     """What the wave rule assumes on sm_90 (65536 registers per SM): gate/up holds
     ``gate_up_resident`` programs per SM, also when it quantizes x, and in one wave (x
-    quantized apart) one down program on the one-wave warps beside them; nothing
-    spills."""
+    quantized apart) one down program on the one-wave warps beside them; a wide down
+    program fits an SM; nothing spills."""
     conf = decode.DECODE_CONFIG
     file_size = 65536
     for name, usage in registers.items():
@@ -459,12 +465,14 @@ def _check_wave_register_budget(registers: dict):
     assert conf["gate_up_resident"] * gate_up + down <= file_size, registers
     assert (conf["gate_up_resident"] + 1) * gate_up > file_size, registers  # else: more
     assert conf["gate_up_resident"] * _allocated(registers["gate_up_quantize_x"]) <= file_size
+    assert _allocated(registers["down_wide"]) <= file_size  # one per SM
 
 
 def test_wave_config():
     """The wave rule: one wave of gate/up at its resident count -> ``one_wave`` (x
-    quantized by its own launch, down on fewer warps); more programs, no SM count (CPU,
-    interpreter) or the rule off -> the config as given."""
+    quantized by its own launch, down on fewer warps); more programs -> ``wide_down``
+    where it applies; no SM count (CPU, interpreter) or the rule off -> the config as
+    given."""
     conf = dict(decode.DECODE_CONFIG, gate_up_resident=2)
     assert conf["quantize_x_in_gate_up"] and not conf["one_wave"]["quantize_x_in_gate_up"]
     assert decode._wave_config(conf, 256, 132) == dict(conf, **conf["one_wave"])
@@ -476,6 +484,16 @@ def test_wave_config():
     # A caller's own entries win over the rule's.
     fixed = decode._wave_config(dict(conf, down_warps=8), 256, 132, fixed={"down_warps"})
     assert fixed["down_warps"] == 8 and not fixed["quantize_x_in_gate_up"]
+    # More than one gate/up wave: wider down tiles when down runs one step and their grid
+    # (2 tokens x 2048 / 32 = 128 programs) has at most one program per SM.
+    wide = dict(num_tokens=2, hidden=2048, down_one_step=True)
+    assert decode._wave_config(conf, 512, 132, **wide) == dict(conf, **conf["wide_down"])
+    assert decode._wave_config(conf, 512, 127, **wide) == conf
+    assert decode._wave_config(conf, 512, 132, **dict(wide, down_one_step=False)) == conf
+    assert decode._wave_config(conf, 512, 132, **dict(wide, num_tokens=3)) == conf
+    assert decode._wave_config(conf, 256, 132, **wide) == dict(conf, **conf["one_wave"])
+    assert decode._wave_config(dict(conf, BLOCK_OUT=16), 512, 132, fixed={"BLOCK_OUT"},
+                               **wide)["BLOCK_OUT"] == 16
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -85,6 +85,14 @@ DECODE_CONFIG = {
     # x quantized in gate/up instead, 17.5).
     "wave_rule": True, "gate_up_resident": 2,
     "one_wave": {"down_warps": 4, "quantize_x_in_gate_up": False},
+    # When gate/up takes more than one wave, down's programs become resident only as its
+    # last wave leaves. If down runs one step and its grid at these wider tiles still
+    # gives each SM at most one program (154 registers on 8 warps, no spill), it takes
+    # them: half the programs, each reading the token's h rows once for twice the columns
+    # (decode_tuning.md, session 10, H100: 35B-A3B two tokens 25.41 -> 25.07 and 25.23 ->
+    # 24.82 us in two calls; Qwen3-30B-A3B one and two tokens unchanged; Mixtral, whose
+    # down takes pipelined steps, one token 135.4 -> 145.6 without the one-step condition).
+    "wide_down": {"BLOCK_OUT": 32},
 }
 
 
@@ -478,18 +486,24 @@ def _sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _wave_config(conf: dict, gate_up_programs: int, sm_count: int | None,
-                 fixed=()) -> dict:
-    """``conf`` with the wave rule's entries (``DECODE_CONFIG["one_wave"]``) when
-    ``conf["wave_rule"]`` and gate/up's grid of ``gate_up_programs`` fits one wave of
-    ``gate_up_resident`` programs per SM; entries named in ``fixed`` (a caller's
-    overrides) are kept. Compiled launches only (``sm_count`` None: unchanged); same
-    results either way."""
-    if (not conf["wave_rule"] or sm_count is None
-            or gate_up_programs > conf["gate_up_resident"] * sm_count):
+def _wave_config(conf: dict, gate_up_programs: int, sm_count: int | None, fixed=(), *,
+                 num_tokens: int = 0, hidden: int = 0, down_one_step: bool = False) -> dict:
+    """``conf`` with the wave rule's entries, when ``conf["wave_rule"]``: ``one_wave``
+    when gate/up's grid of ``gate_up_programs`` fits one wave of ``gate_up_resident``
+    programs per SM; else ``wide_down`` when down runs one step and its grid at
+    ``wide_down``'s BLOCK_OUT (``num_tokens`` x columns of ``hidden``) has at most one
+    program per SM. Entries named in ``fixed`` (a caller's overrides) are kept. Compiled
+    launches only (``sm_count`` None: unchanged); same results either way."""
+    if not conf["wave_rule"] or sm_count is None:
         return conf
-    return dict(conf, **{key: value for key, value in conf["one_wave"].items()
-                         if key not in fixed})
+    if gate_up_programs <= conf["gate_up_resident"] * sm_count:
+        rule = conf["one_wave"]
+    elif down_one_step and (
+            num_tokens * triton.cdiv(hidden, conf["wide_down"]["BLOCK_OUT"]) <= sm_count):
+        rule = conf["wide_down"]
+    else:
+        return conf
+    return dict(conf, **{key: value for key, value in rule.items() if key not in fixed})
 
 
 def decode_fits(num_pairs: int, num_experts: int, expert_weight_bytes: int) -> bool:
@@ -518,12 +532,15 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     num_experts = weights.num_experts
     num_pairs = num_tokens * top_k
     gate_up_grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
+    block_k = cfg.block_k
+    down_one_step = chunk_blocks(inter // block_k, cfg.super_group_size, conf["down_chunk"],
+                                 conf["down_one_step"]) >= inter // block_k
     conf = _wave_config(conf, gate_up_grid[0] * gate_up_grid[1],
-                        _sm_count(hidden_states.device), fixed=set(config or {}))
+                        _sm_count(hidden_states.device), fixed=set(config or {}),
+                        num_tokens=num_tokens, hidden=hidden, down_one_step=down_one_step)
     out = torch.empty_like(hidden_states)
     if num_tokens == 0:
         return out
-    block_k = cfg.block_k
     assert hidden % block_k == 0 and inter % block_k == 0 and block_k % 4 == 0
     assert hidden_states.stride(1) == 1, "rows of hidden_states must be contiguous"
     gemm_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
