@@ -533,11 +533,15 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     num_pairs = num_tokens * top_k
     gate_up_grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
     block_k = cfg.block_k
-    down_one_step = chunk_blocks(inter // block_k, cfg.super_group_size, conf["down_chunk"],
-                                 conf["down_one_step"]) >= inter // block_k
+    # Down's loop steps, once: the wave rule reads them (it changes no step setting).
+    down_steps = _steps(inter // block_k, chunk_blocks(inter // block_k, cfg.super_group_size,
+                                                       conf["down_chunk"],
+                                                       conf["down_one_step"]),
+                        conf["down_stages"])
     conf = _wave_config(conf, gate_up_grid[0] * gate_up_grid[1],
                         _sm_count(hidden_states.device), fixed=set(config or {}),
-                        num_tokens=num_tokens, hidden=hidden, down_one_step=down_one_step)
+                        num_tokens=num_tokens, hidden=hidden,
+                        down_one_step=down_steps["NUM_STAGES"] == 1)
     out = torch.empty_like(hidden_states)
     if num_tokens == 0:
         return out
@@ -612,10 +616,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
         TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
-        BLOCK_OUT=conf["BLOCK_OUT"],
-        **_steps(inter // block_k, chunk_blocks(inter // block_k, cfg.super_group_size,
-                                                conf["down_chunk"], conf["down_one_step"]),
-                 conf["down_stages"]),
+        BLOCK_OUT=conf["BLOCK_OUT"], **down_steps,
         num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, **common,
         **pdl_launch, **regs("down"))
     return out
