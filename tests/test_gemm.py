@@ -279,14 +279,11 @@ def test_wrap_detector_adversarial(super_group_size, wraps):
 # constants, pointers and multiples of 16 carry divisibility 16): without that the loads
 # would not vectorize and register use would not be the real one.
 COMPILE_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.compiler import ASTSource
-from aot import HOPPER
+import json, re, sys
+from aot import compile_for_hopper, launch_specialization, register_usage
 from triton_moe import gemm as triton_gemm
 
 kernel = triton_gemm.grouped_gemm_kernel
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 num_rows, num_experts, k_in, n_out = 65536, 256, 2048, 1024
 k_blocks, groups = k_in // 128, k_in // 128 // 4
 results = {}
@@ -311,34 +308,17 @@ for case in json.loads(sys.argv[1]):
     constexprs = dict(SCALE_BLOCK_M=act_block_m, SCALE_BLOCK_N=64, SUPER_GROUP=4, BLOCK_K=128,
                       NUM_K_BLOCKS=k_blocks, EXPERTS_PAD=num_experts, HAS_BIAS=per_token,
                       NUM_STAGES=num_stages, **config)
-    signature, attrs = {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            if pointers[name].startswith("*"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        elif values[name] == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
+    signature, unit, divisible = launch_specialization(
+        dict(pointers, **{name: "i32" for name in values}), values)
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER,
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        compiled = compile_for_hopper(kernel, signature, dict(constexprs, **unit),
+                                      num_warps=num_warps, num_stages=num_stages,
+                                      divisible_by_16=divisible)
         ptx = compiled.asm["ptx"]
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
-            cubin.flush()
-            usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True,
-                                   text=True, check=True).stdout
-        registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
         results[case["id"]] = dict(wgmma=sorted(set(re.findall(r"wgmma\.mma_async\S*", ptx))),
                                    mma_sync="mma.sync" in ptx,
                                    tma="cp.async.bulk.tensor" in ptx,
-                                   registers=registers, stack=stack)
+                                   **register_usage(compiled))
     except Exception as exc:
         results[case["id"]] = dict(error=f"{type(exc).__name__}: {exc}")
 print(json.dumps(results))
@@ -368,14 +348,14 @@ def test_compiles_to_int8_wgmma_on_sm90(hopper_ptx_summary, case_id):
     """Each tile variant, with per-tile and per-token (1) activation scales, must issue
     signed int8 wgmma on Hopper, the point of the hybrid scheme (SPEC 5), fed by TMA; the
     16-row tile gets there by swapping operands (a 16-row M would fall back to mma.sync).
-    No register spills (stack frame 0): a spilling variant ran 3x slower on an H200
-    (bench/results/gemm_tuning.md)."""
+    No register spills (no stack or local bytes): a spilling variant ran 3x slower on an
+    H200 (bench/results/gemm_tuning.md)."""
     summary = hopper_ptx_summary[case_id]
     assert "error" not in summary, summary.get("error")
     assert any(re.search(r"\.s32\.s8\.s8", instr) for instr in summary["wgmma"]), summary
     assert not summary["mma_sync"], summary
     assert summary["tma"], summary
-    assert summary["stack"] == 0, summary
+    assert summary["spill_bytes"] == 0, summary
 
 
 # --- real sizes, GPU only ---------------------------------------------------------------
