@@ -534,9 +534,9 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
     gate_up_grid = (num_pairs, triton.cdiv(inter, conf["BLOCK_N"]))
     block_k = cfg.block_k
     # Down's loop steps, once: the wave rule reads them (it changes no step setting).
-    down_steps = _steps(inter // block_k, chunk_blocks(inter // block_k, cfg.super_group_size,
-                                                       conf["down_chunk"],
-                                                       conf["down_one_step"]),
+    down_blocks = inter // block_k
+    down_steps = _steps(down_blocks, chunk_blocks(down_blocks, cfg.super_group_size,
+                                                  conf["down_chunk"], conf["down_one_step"]),
                         conf["down_stages"])
     conf = _wave_config(conf, gate_up_grid[0] * gate_up_grid[1],
                         _sm_count(hidden_states.device), fixed=set(config or {}),
@@ -615,7 +615,7 @@ def moe_forward_decode(hidden_states: torch.Tensor, weights, topk_weights: torch
         topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), w2_qs.stride(0), w2_qs.stride(1), w2_qs.stride(2),
         w2_fs.stride(0), w2_fs.stride(1), w2_fs.stride(2), out.stride(0),
-        TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=inter // block_k,
+        TOP_K_PAD=triton.next_power_of_2(top_k), NUM_BLOCKS=down_blocks,
         BLOCK_OUT=conf["BLOCK_OUT"], **down_steps,
         num_warps=conf["down_warps"], enable_fp_fusion=False, GDC=pdl, **common,
         **pdl_launch, **regs("down"))
